@@ -1,0 +1,3 @@
+"""Reusable layers: each works on NCHW feature maps of any size, without the models."""
+from .bra import AttentionLePE, BiLevelRoutingAttention
+from .helpers import check_image_input

@@ -1,0 +1,453 @@
+"""BiFormer: Vision Transformer with Bi-Level Routing Attention.
+
+Paper: https://arxiv.org/abs/2303.08810 (Zhu et al., CVPR 2023)
+Official code: https://github.com/rayleizhu/BiFormer (``models/biformer.py``, ``models/biformer_stl.py``,
+``models/biformer_stl_nchw.py``)
+
+Same architectures and parameters as the official models; official checkpoints load through
+``checkpoint_filter_fn``. Differences from the official code:
+* any input size: maps are always zero-padded to a multiple of the region count, as the official
+  ``auto_pad=True`` path does (at sizes it accepts without padding the two are identical);
+* the routed keys/values are picked with one ``index_select`` instead of ``expand`` + ``gather``, and the
+  attention uses ``F.scaled_dot_product_attention``;
+* the timm model contract (``features_only``, ``forward_intermediates``, ``reset_classifier``, ...).
+
+The official nchw STL checkpoint applies LePE to the values in its last stage; load it with the
+``biformer_stl.in1k_nchw`` tag (or ``global_lepe_on_value=True``).
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..hub import prepare_pretrained
+from ..layers import AttentionLePE, BiLevelRoutingAttention, check_image_input
+
+__all__ = ['BiFormer']
+
+_MIN_INPUT_SIZE = 32
+
+
+class BiFormerBlock(nn.Module):
+    """Optional depthwise-conv position embedding, then pre-norm attention and MLP, on (B, H, W, C) maps.
+
+    ``topk=None`` selects global attention with LePE (the official ``topk=-2``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            num_regions: int = 7,
+            topk: Optional[int] = 4,
+            global_num_heads: int = 8,
+            mlp_ratio: float = 4.,
+            pos_embed_kernel: int = 3,
+            side_dwconv: int = 5,
+            global_lepe_on_value: bool = False,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(
+            dim, dim, pos_embed_kernel, padding=pos_embed_kernel // 2, groups=dim) if pos_embed_kernel > 0 else None
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if topk is None:
+            self.attn = AttentionLePE(
+                dim, num_heads=global_num_heads, side_dwconv=side_dwconv, lepe_on_value=global_lepe_on_value,
+                channels_last=True)
+        else:
+            self.attn = BiLevelRoutingAttention(
+                dim, num_heads=num_heads, num_regions=num_regions, topk=topk, side_dwconv=side_dwconv,
+                channels_last=True)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class BiFormerStage(nn.Module):
+    """Downsampling (or identity after the stem) followed by BiFormer blocks; (B, C, H, W) in and out."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            downsample: str = '',
+            num_regions: int = 7,
+            topk: Optional[int] = 4,
+            global_num_heads: int = 8,
+            mlp_ratio: float = 4.,
+            pos_embed_kernel: int = 3,
+            side_dwconv: int = 5,
+            global_lepe_on_value: bool = False,
+            drop_path: Sequence[float] = (),
+    ):
+        super().__init__()
+        if downsample == 'overlap':  # 3x3 stride-2 conv, then BN
+            self.downsample = nn.Sequential(nn.Conv2d(in_dim, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+        elif downsample == 'patch':  # BN, then 2x2 stride-2 conv
+            self.downsample = nn.Sequential(nn.BatchNorm2d(in_dim), nn.Conv2d(in_dim, dim, 2, stride=2))
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[BiFormerBlock(
+            dim, num_heads=num_heads, num_regions=num_regions, topk=topk, global_num_heads=global_num_heads,
+            mlp_ratio=mlp_ratio, pos_embed_kernel=pos_embed_kernel, side_dwconv=side_dwconv,
+            global_lepe_on_value=global_lepe_on_value, drop_path=drop_path[i] if drop_path else 0.,
+        ) for i in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class BiFormer(nn.Module):
+    """BiFormer backbone and classifier.
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 for no classifier.
+        global_pool: 'avg' or '' (no pooling).
+        depths: Blocks per stage.
+        embed_dims: Channels per stage.
+        mlp_ratios: MLP expansion per stage.
+        head_dim: Channels per head of the routed attention (heads = dim // head_dim).
+        n_win: Regions per side in the routed attention (7 for classification, 16 in the official detection recipes).
+        topks: Routed regions per query region per stage; None for global attention.
+        global_num_heads: Heads of the global attention.
+        stem_type: 'overlap' (two 3x3 stride-2 convs, 3x3 downsampling; BiFormer-T/S/B) or
+            'patch' (4x4 patchify, BN + 2x2 downsampling; the Swin-layout STL model).
+        pos_embed_kernel: Depthwise conv position embedding before each block's attention; 0 disables it.
+        side_dwconv: LePE kernel.
+        global_lepe_on_value: Apply the global stage's LePE to the values (official nchw STL checkpoint).
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth, rising linearly over the blocks.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Tuple[int, ...] = (4, 4, 18, 4),
+            embed_dims: Tuple[int, ...] = (64, 128, 256, 512),
+            mlp_ratios: Tuple[float, ...] = (3, 3, 3, 3),
+            head_dim: int = 32,
+            n_win: int = 7,
+            topks: Tuple[Optional[int], ...] = (1, 4, 16, None),
+            global_num_heads: int = 8,
+            stem_type: str = 'overlap',
+            pos_embed_kernel: int = 3,
+            side_dwconv: int = 5,
+            global_lepe_on_value: bool = False,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(mlp_ratios) == len(topks) == num_stages):
+            raise ValueError(
+                f'depths, embed_dims, mlp_ratios and topks need one entry per stage, got {len(depths)}, '
+                f'{len(embed_dims)}, {len(mlp_ratios)} and {len(topks)}')
+        if n_win < 1:
+            raise ValueError(f'n_win must be >= 1, got {n_win}')
+        for topk in topks:
+            if topk is not None and not 1 <= topk <= n_win ** 2:
+                raise ValueError(
+                    f'topks={tuple(topks)} do not fit n_win={n_win}: each topk must be between 1 and '
+                    f'n_win**2 = {n_win ** 2} (or None for global attention); lower topks or raise n_win')
+        if stem_type not in ('overlap', 'patch'):
+            raise ValueError(f"stem_type must be 'overlap' or 'patch', got {stem_type!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.min_input_size = _MIN_INPUT_SIZE
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        if stem_type == 'overlap':
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
+                nn.BatchNorm2d(embed_dims[0] // 2),
+                nn.GELU(),
+                nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
+                nn.BatchNorm2d(embed_dims[0]),
+            )
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
+
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, split by stage
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            stages.append(BiFormerStage(
+                in_dim=embed_dims[i - 1] if i > 0 else embed_dims[0],
+                dim=embed_dims[i],
+                depth=depths[i],
+                downsample=stem_type if i > 0 else '',
+                drop_path=dpr[i],
+                num_heads=embed_dims[i] // head_dim,
+                num_regions=n_win,
+                topk=topks[i],
+                global_num_heads=global_num_heads,
+                mlp_ratio=mlp_ratios[i],
+                pos_embed_kernel=pos_embed_kernel,
+                side_dwconv=side_dwconv,
+                global_lepe_on_value=global_lepe_on_value,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.BatchNorm2d(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning the outputs of the stages selected by ``indices`` (and the final features).
+
+        Args:
+            x: Input images (B, C, H, W).
+            indices: Take the last n stages if int, all if None, else the stages listed.
+            norm: Apply the final norm to the last stage's output when it is taken.
+            stop_early: Stop after the last stage needed.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_image_input(x, self.in_chans, self.min_input_size)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and norm/head) that the given intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, self.min_input_size)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.forward_head(x)
+
+
+def _map_official_key(key: str) -> str:
+    """Rename one official BiFormer key (any of the three official layouts) to ours."""
+    key = key.replace('.attn.qkv.qkv.', '.attn.qkv.').replace('.attn.wo.', '.attn.proj.')
+    key = key.replace('.attn.qkv_linear.', '.attn.qkv.').replace('.attn.output_linear.', '.attn.proj.')
+    if key.startswith('downsample_layers.0.'):
+        return 'stem.' + key[len('downsample_layers.0.'):]
+    if key.startswith('downsample_layers.'):
+        _, stage, rest = key.split('.', 2)
+        return f'stages.{stage}.downsample.{rest}'
+    if key.startswith('stages.'):
+        _, stage, rest = key.split('.', 2)
+        if not rest.startswith('blocks.'):  # T/S/B layout: stages.{i}.{j}.
+            rest = 'blocks.' + rest
+        # mlp: T/S/B use Sequential(fc, Identity, GELU, fc), STL Sequential(fc, GELU, fc)
+        rest = rest.replace('.mlp.0.', '.mlp.fc1.').replace('.mlp.3.', '.mlp.fc2.').replace('.mlp.2.', '.mlp.fc2.')
+        return f'stages.{stage}.{rest}'
+    if key.startswith('head.'):
+        return 'head.fc.' + key[len('head.'):]
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -> Dict[str, torch.Tensor]:
+    """Map an official BiFormer checkpoint (T/S/B, STL or nchw STL layout) onto this implementation.
+
+    Our own layout (e.g. converted Hub weights) passes through unchanged.
+    """
+    state_dict = state_dict.get('model', state_dict)
+    if 'stem.0.weight' in state_dict:
+        return state_dict
+    is_nchw = any('.attn.qkv_linear.' in k for k in state_dict)
+    if is_nchw != _global_lepe_on_value(model):
+        raise RuntimeError(
+            'this BiFormer checkpoint is the official ' + ('nchw STL one, which applies LePE to the values in the '
+            "last stage; create the model as 'biformer_stl.in1k_nchw' (or pass global_lepe_on_value=True)"
+            if is_nchw else "legacy layout, which applies LePE to the input in the last stage; create the model "
+            "without global_lepe_on_value (e.g. 'biformer_stl.in1k')"))
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith('num_batches_tracked'):
+            continue
+        key = _map_official_key(key)
+        if value.ndim == 4 and value.shape[-2:] == (1, 1) and ('.attn.' in key or '.mlp.' in key) \
+                and '.lepe.' not in key:
+            value = value.flatten(1)  # nchw layout: 1x1 convs -> linear
+        out[key] = value
+    return out
+
+
+def _global_lepe_on_value(model: nn.Module) -> bool:
+    return any(isinstance(m, AttentionLePE) and m.lepe_on_value for m in model.modules())
+
+
+def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
+    kwargs = prepare_pretrained(variant, pretrained, kwargs)
+    if kwargs.get('pretrained_cfg', '') == 'in1k_nchw':
+        kwargs.setdefault('global_lepe_on_value', True)
+    return build_model_with_cfg(
+        BiFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(name_tag: str, official_file: str, official_url: str, **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'min_input_size': (3, _MIN_INPUT_SIZE, _MIN_INPUT_SIZE), 'fixed_input_size': False,
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0', 'classifier': 'head.fc',
+        'hf_hub_id': f'biformer-zoo/{name_tag}',
+        'license': 'mit', 'paper_ids': 'arXiv:2303.08810',
+        'paper_name': 'BiFormer: Vision Transformer with Bi-Level Routing Attention',
+        'origin_url': 'https://github.com/rayleizhu/BiFormer',
+        'notes': (f'converted from the official release {official_file}, {official_url}',),
+        **kwargs,
+    }
+
+
+def _onedrive(share_id: str) -> str:
+    return f'https://api.onedrive.com/v1.0/shares/{share_id}/root/content'
+
+
+default_cfgs = generate_default_cfgs({name_tag: _cfg(name_tag, *source) for name_tag, source in {
+    'biformer_tiny.in1k': ('biformer_tiny_in1k.pth', _onedrive('s!AkBbczdRlZvChHEOoGkgwgQzEDlM')),
+    'biformer_small.in1k': ('biformer_small_in1k.pth', _onedrive('s!AkBbczdRlZvChHDyM-x9KWRBZ832')),
+    'biformer_base.in1k': ('biformer_base_in1k.pth', _onedrive('s!AkBbczdRlZvChHI_XPhoadjaNxtO')),
+    'biformer_stl.in1k': ('biformer_stl_in1k.pth', _onedrive('s!AkBbczdRlZvChSf-m7ujkvx9lIQ1')),
+    'biformer_stl.in1k_nchw': ('biformer_stl_nchw_in1k.pth', _onedrive('s!AkBbczdRlZvChWYrKbWbMgqd2Ai0')),
+}.items()})
+
+
+@register_model
+def biformer_tiny(pretrained: bool = False, **kwargs: Any) -> BiFormer:
+    """BiFormer-T: 13.1M params, 2.2 GFLOPs at 224."""
+    model_args = dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512), mlp_ratios=(3, 3, 3, 3))
+    return _create_biformer('biformer_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_small(pretrained: bool = False, **kwargs: Any) -> BiFormer:
+    """BiFormer-S: 25.5M params, 4.5 GFLOPs at 224."""
+    model_args = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), mlp_ratios=(3, 3, 3, 3))
+    return _create_biformer('biformer_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_base(pretrained: bool = False, **kwargs: Any) -> BiFormer:
+    """BiFormer-B: 56.8M params, 9.8 GFLOPs at 224."""
+    model_args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768), mlp_ratios=(3, 3, 3, 3))
+    return _create_biformer('biformer_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs: Any) -> BiFormer:
+    """BiFormer-STL (Swin-T layout with BRA): 28.4M params, 4.6 GFLOPs at 224."""
+    model_args = dict(
+        depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratios=(4, 4, 4, 4),
+        stem_type='patch', pos_embed_kernel=0)
+    return _create_biformer('biformer_stl', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,265 @@
+"""BiFormer family: official layouts, the timm model contract, input sizes and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import biformer_zoo  # noqa: F401
+from biformer_zoo.models.biformer import _map_official_key
+from official_layouts import save_official_checkpoint
+
+torch.set_num_threads(2)
+
+MODELS = ['biformer_tiny', 'biformer_small', 'biformer_base', 'biformer_stl']
+OFFICIAL_PARAMS = {  # official model, num_classes=1000 (shared/reference/official_numbers.json)
+    'biformer_tiny': 13142760, 'biformer_small': 25536232, 'biformer_base': 56804968, 'biformer_stl': 28372552,
+}
+# (model name, tag, official layout file)
+OFFICIAL_LAYOUTS = [
+    ('biformer_tiny', 'in1k', 'biformer_tiny'),
+    ('biformer_small', 'in1k', 'biformer_small'),
+    ('biformer_base', 'in1k', 'biformer_base'),
+    ('biformer_stl', 'in1k', 'biformer_stl'),
+    ('biformer_stl', 'in1k_nchw', 'biformer_stl_nchw'),
+]
+
+
+def _tiny(**kwargs):
+    return timm.create_model('biformer_tiny', **kwargs).eval()
+
+
+@pytest.fixture(scope='module')
+def eval_models():
+    """One eval-mode instance per variant with a 7-class head, built once for the module."""
+    return {name: timm.create_model(name, num_classes=7).eval() for name in MODELS}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_param_count_equals_official(name):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+@pytest.mark.parametrize('name,tag,layout', OFFICIAL_LAYOUTS)
+def test_official_checkpoint_loads_strict(tmp_path, name, tag, layout):
+    path = tmp_path / f'{layout}_in1k.pth'
+    official = save_official_checkpoint(layout, path)
+    model = timm.create_model(f'{name}.{tag}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    ours = model.state_dict()
+    loaded = {k: v for k, v in official.items() if not k.endswith('num_batches_tracked')}
+    # strict: every official tensor has a home and every model tensor was filled
+    mapped = {_map_official_key(k): v for k, v in loaded.items()}
+    assert set(mapped) == {k for k in ours if not k.endswith('num_batches_tracked')}
+    for key, value in mapped.items():
+        torch.testing.assert_close(ours[key], value.reshape(ours[key].shape), rtol=0, atol=0, msg=key)
+
+
+def test_official_nchw_checkpoint_into_legacy_model_is_refused(tmp_path):
+    path = tmp_path / 'biformer_stl_nchw_in1k.pth'
+    save_official_checkpoint('biformer_stl_nchw', path)
+    with pytest.raises(RuntimeError, match='in1k_nchw'):
+        timm.create_model('biformer_stl', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_pretrained_cfg():
+    cfg = timm.create_model('biformer_small', pretrained=False).pretrained_cfg
+    assert (cfg['hf_hub_id'], cfg['input_size'], cfg['crop_pct'], cfg['interpolation'], cfg['mean']) == (
+        'biformer-zoo/biformer_small.in1k', (3, 224, 224), 0.875, 'bicubic', (0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_features_and_head(eval_models, name):
+    model = eval_models[name]
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+        pre = model.forward_head(feats, pre_logits=True)
+    assert (feats.shape, logits.shape, pre.shape) == (
+        (2, model.num_features, 2, 3), (2, 7), (2, model.head_hidden_size))
+
+
+def test_features_only_matches_feature_info():
+    model = timm.create_model('biformer_tiny', features_only=True, out_indices=(1, 2, 3)).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 96, 128))
+    expected = [(1, info['num_chs'], 96 // info['reduction'], 128 // info['reduction'])
+                for info in model.feature_info.get_dicts()]
+    assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [8, 16, 32]
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_feature_info_reductions_and_channels(eval_models, name):
+    model = eval_models[name]
+    with torch.no_grad():
+        feats = model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+    assert [(f.shape[1], 64 // f.shape[-1]) for f in feats] == [
+        (info['num_chs'], info['reduction']) for info in model.feature_info]
+
+
+def test_forward_intermediates_end_equals_forward_features():
+    model = _tiny()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, norm=True)
+        ref = model.forward_features(x)
+    assert torch.equal(final, ref) and len(inter) == 4 and torch.equal(inter[-1], ref)
+
+
+def test_forward_intermediates_stop_early_and_indices():
+    model = _tiny()
+    with torch.no_grad():
+        inter = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 1], stop_early=True,
+                                            intermediates_only=True)
+    assert [t.shape[1] for t in inter] == [64, 128]
+
+
+def test_prune_intermediate_layers():
+    model = _tiny()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        kept = model.prune_intermediate_layers(indices=2)
+        got = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert kept == [2, 3] and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_reset_classifier_and_num_classes_zero():
+    model = _tiny()
+    model.reset_classifier(5, 'avg')
+    out5 = model(torch.randn(1, 3, 64, 64))
+    model.reset_classifier(0)
+    out0 = model(torch.randn(1, 3, 64, 64))
+    headless = timm.create_model('biformer_tiny', num_classes=0).eval()
+    assert (out5.shape, out0.shape, headless(torch.randn(1, 3, 64, 64)).shape) == ((1, 5), (1, 512), (1, 512))
+
+
+def test_get_classifier():
+    assert timm.create_model('biformer_tiny', num_classes=3).get_classifier().out_features == 3
+
+
+def test_global_pool_none_keeps_map():
+    model = timm.create_model('biformer_tiny', num_classes=0, global_pool='').eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+def test_in_chans_adapts_first_conv_on_pretrained_load(tmp_path):
+    path = tmp_path / 'biformer_tiny_in1k.pth'
+    official = save_official_checkpoint('biformer_tiny', path)
+    model = timm.create_model('biformer_tiny', pretrained=True, in_chans=1,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    expected = official['downsample_layers.0.0.weight'].sum(dim=1, keepdim=True)
+    torch.testing.assert_close(model.stem[0].weight, expected)
+
+
+def test_in_chans_forward():
+    model = timm.create_model('biformer_tiny', in_chans=4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 64, 64)).shape == (1, 1000)
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('biformer_tiny', num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_group_matcher_covers_all_params():
+    from timm.models import group_parameters
+    model = timm.create_model('biformer_tiny')
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    assert sum(len(g) for g in groups.values()) == len(list(model.named_parameters()))
+
+
+def test_no_weight_decay_is_a_set():
+    assert isinstance(_tiny().no_weight_decay(), set)
+
+
+def test_torchscript_matches_eager():
+    model = _tiny()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_fx_trace_matches_eager():
+    from timm.models import create_feature_extractor
+    model = _tiny()
+    extractor = create_feature_extractor(model, return_nodes={'stages.3': 'out'})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['out'], model.forward_intermediates(x, intermediates_only=True)[-1])
+
+
+@pytest.mark.parametrize('size,expected', [
+    ((250, 333), [(63, 84), (32, 42), (16, 21), (8, 11)]),
+    ((32, 32), [(8, 8), (4, 4), (2, 2), (1, 1)]),
+    ((57, 201), [(15, 51), (8, 26), (4, 13), (2, 7)]),
+])
+def test_any_input_size(size, expected):
+    model = timm.create_model('biformer_tiny', features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, *size))
+    assert [tuple(f.shape[-2:]) for f in feats] == expected and all(torch.isfinite(f).all() for f in feats)
+
+
+def test_n_win_and_topk_at_create_time():
+    model = timm.create_model('biformer_tiny', n_win=16, topks=(4, 8, 16, None)).eval()
+    with torch.no_grad():
+        feats = model.forward_intermediates(torch.randn(1, 3, 128, 96), intermediates_only=True)
+    attn = model.stages[0].blocks[0].attn
+    assert (attn.num_regions, attn.topk, [f.shape[1] for f in feats]) == (16, 4, [64, 128, 256, 512])
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(n_win=2), 'topk'),            # stage 3 topk=16 > 2*2 regions
+    (dict(n_win=0), 'n_win'),
+    (dict(topks=(1, 4, 64, None)), 'topk'),
+])
+def test_bad_kwargs_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('biformer_tiny', **kwargs)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((1, 1, 64, 64), 'expected 3 input channels, got 1'),
+    ((1, 3, 8, 8), 'at least 32'),
+    ((3, 64, 64), '4D'),
+])
+def test_bad_input_raises_value_error(shape, match):
+    model = _tiny()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+
+
+def test_integer_input_raises_value_error():
+    with pytest.raises(ValueError, match='floating point'):
+        _tiny()(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_features_only_bad_input_raises_value_error():
+    model = timm.create_model('biformer_tiny', features_only=True)
+    with pytest.raises(ValueError, match='at least 32'):
+        model(torch.randn(1, 3, 16, 64))
+
+
+def test_reference_numbers_agree_with_shared_reference():
+    """The parameter counts above are the ones recorded from the official code, when the reference is present."""
+    ref = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'official_numbers.json'
+    if not ref.exists():
+        pytest.skip('shared/reference is not beside this checkout')
+    numbers = json.loads(ref.read_text())
+    assert {k: numbers[k]['params_exact'] for k in OFFICIAL_PARAMS} == OFFICIAL_PARAMS

@@ -1,0 +1,98 @@
+"""Reusable layers: the fast paths equal plain reference implementations of the same math."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention
+
+torch.set_num_threads(2)
+
+
+def reference_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
+    """Bi-level routing attention written out step by step on a (B, H, W, C) map, with per-region loops."""
+    B, H, W, C = x.shape
+    n = layer.num_regions
+    pad_b, pad_r = (-H) % n, (-W) % n
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    Hp, Wp = x.shape[1:3]
+    rh, rw = Hp // n, Wp // n
+    qkv = layer.qkv(x)
+    q, k, v = qkv.split([layer.qk_dim, layer.qk_dim, layer.dim], dim=-1)
+
+    def region(t, r):  # tokens of region r: (B, rh * rw, channels)
+        i, j = divmod(r, n)
+        return t[:, i * rh:(i + 1) * rh, j * rw:(j + 1) * rw].reshape(B, rh * rw, -1)
+
+    q_mean = torch.stack([region(q, r).mean(1) for r in range(n * n)], 1)
+    k_mean = torch.stack([region(k, r).mean(1) for r in range(n * n)], 1)
+    routes = ((q_mean * layer.scale) @ k_mean.transpose(1, 2)).topk(layer.topk, dim=-1).indices  # (B, R, topk)
+    out = torch.zeros(B, Hp, Wp, layer.dim)
+    heads = layer.num_heads
+    for b in range(B):
+        for r in range(n * n):
+            qr = region(q, r)[b].view(rh * rw, heads, -1).transpose(0, 1)
+            ks = torch.cat([region(k, int(s))[b] for s in routes[b, r]]).view(-1, heads, layer.qk_dim // heads)
+            vs = torch.cat([region(v, int(s))[b] for s in routes[b, r]]).view(-1, heads, layer.dim // heads)
+            attn = ((qr * layer.scale) @ ks.permute(1, 2, 0)).softmax(-1)
+            o = (attn @ vs.transpose(0, 1)).transpose(0, 1).reshape(rh, rw, layer.dim)
+            i, j = divmod(r, n)
+            out[b, i * rh:(i + 1) * rh, j * rw:(j + 1) * rw] = o
+    out = out + layer.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return layer.proj(out)[:, :H, :W]
+
+
+@pytest.mark.parametrize('size', [(14, 14), (9, 13), (3, 5)])
+@pytest.mark.parametrize('topk', [1, 4])
+def test_bra_equals_reference(size, topk):
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention(32, num_heads=4, num_regions=3, topk=topk, channels_last=True).double().eval()
+    x = torch.randn(2, *size, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_bra(layer, x))
+
+
+def test_bra_nchw_equals_channels_last():
+    torch.manual_seed(0)
+    nchw = BiLevelRoutingAttention(16, num_heads=2, num_regions=4, topk=3).eval()
+    nhwc = BiLevelRoutingAttention(16, num_heads=2, num_regions=4, topk=3, channels_last=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    x = torch.randn(1, 16, 10, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(nchw(x), nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_bra_gradients_equal_reference():
+    torch.manual_seed(0)
+    layer = BiLevelRoutingAttention(16, num_heads=2, num_regions=2, topk=2, channels_last=True).double()
+    x = torch.randn(1, 6, 5, 16, dtype=torch.float64, requires_grad=True)
+    (g_fast,) = torch.autograd.grad(layer(x).square().sum(), x)
+    (g_ref,) = torch.autograd.grad(reference_bra(layer, x).square().sum(), x)
+    torch.testing.assert_close(g_fast, g_ref)
+
+
+@pytest.mark.parametrize('lepe_on_value', [False, True])
+def test_attention_lepe_equals_reference(lepe_on_value):
+    torch.manual_seed(0)
+    layer = AttentionLePE(32, num_heads=4, lepe_on_value=lepe_on_value).double().eval()
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
+    B, C, H, W = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+    q, k, v = layer.qkv(tokens).chunk(3, dim=-1)
+    split = lambda t: t.view(B, H * W, 4, C // 4).transpose(1, 2)  # noqa: E731
+    attn = (split(q) @ split(k).transpose(-1, -2) * (C // 4) ** -0.5).softmax(-1)
+    out = (attn @ split(v)).transpose(1, 2).reshape(B, H * W, C)
+    lepe_in = v.transpose(1, 2).reshape(B, C, H, W) if lepe_on_value else x
+    out = out + layer.lepe(lepe_in).flatten(2).transpose(1, 2)
+    expected = layer.proj(out).transpose(1, 2).reshape(B, C, H, W)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(dim=16, num_regions=2, topk=5), 'topk'),
+    (dict(dim=16, num_regions=0, topk=1), 'num_regions'),
+    (dict(dim=18, num_heads=4, num_regions=2, topk=1), 'divisible'),
+])
+def test_bra_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BiLevelRoutingAttention(**kwargs)
