@@ -40,14 +40,68 @@ def _print_table(title: str, columns: List[str], rows: List[List[str]]) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = model_table()
+    if args.pretrained:
+        from .hub import pretrained_table
+        rows = pretrained_table()
+        title, columns = 'biformer-zoo pretrained weights', ['model.tag', 'status', 'in cache', 'top-1', 'Hub repo']
+        cells = [[r['model'], r['status'], 'yes' if r['cached'] else 'no', f"{r['top1']}", r['hf_hub_id']]
+                 for r in rows]
+    else:
+        rows = model_table()
+        title, columns = 'biformer-zoo models', ['model', 'params', 'params (M)', 'input', 'pretrained tags']
+        cells = [[r['model'], f"{r['params']:,}", f"{r['params'] / 1e6:.2f}", 'x'.join(map(str, r['input_size'][1:])),
+                  ', '.join(r['pretrained_tags'])] for r in rows]
     if args.format == 'json':
         print(json.dumps(rows, indent=2))
         return 0
-    _print_table(
-        'biformer-zoo models', ['model', 'params', 'params (M)', 'input', 'pretrained tags'],
-        [[r['model'], f"{r['params']:,}", f"{r['params'] / 1e6:.2f}", 'x'.join(map(str, r['input_size'][1:])),
-          ', '.join(r['pretrained_tags'])] for r in rows])
+    _print_table(title, columns, cells)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .hub import PretrainedWeightsError, convert_checkpoint
+    try:
+        result = convert_checkpoint(
+            args.model, args.checkpoint, args.out, tag=args.tag, push=args.push,
+            update_manifest=args.update_manifest, measure_flops=not args.no_flops, progress=not args.quiet)
+    except PretrainedWeightsError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    gflops = f'{result.gflops:.3f}' if result.gflops is not None else 'not measured'
+    print(f'{result.model}: wrote {result.out_dir} (model.safetensors, config.json, README.md)\n'
+          f'params {result.params:,}, GFLOPs {gflops}\n'
+          f'sha256 {result.sha256}  {result.weights_file} ({result.size:,} bytes)')
+    if result.pushed_to:
+        print(f'uploaded: {result.pushed_to}')
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import (
+        parse_model_args, print_rich_tables, profile_many, render_report, report_tables, resolve_model_names)
+    profiles = profile_many(resolve_model_names(args.models), args.img_size, batch_size=args.batch_size,
+                            features_only=args.features_only, model_kwargs=parse_model_args(args.model_arg),
+                            show_progress=True)
+    if args.format == 'table':
+        print_rich_tables(report_tables(profiles))
+    else:
+        print(render_report(profiles, args.format), end='')
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_tables, benchmark, render_bench
+    from .report import parse_model_args, print_rich_tables, resolve_model_names
+    baseline = None if args.baseline.lower() == 'none' else resolve_model_names([args.baseline])[0]
+    report = benchmark(
+        resolve_model_names(args.models), img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,
+        rounds=args.rounds, warmup=args.warmup, threads=args.threads, device=args.device, amp=args.amp,
+        baseline=baseline, model_kwargs=parse_model_args(args.model_arg), show_progress=True)
+    fmt = 'json' if args.json else args.format
+    if fmt == 'table':
+        print_rich_tables(bench_tables(report))
+    else:
+        print(render_bench(report, fmt), end='')
     return 0
 
 
@@ -57,7 +111,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('list', help='list every registered model with its parameter count')
     p.add_argument('--format', choices=('table', 'json'), default='table')
+    p.add_argument('--pretrained', action='store_true',
+                   help='list every pretrained tag of the weights manifest: status, Hub repo, in the local cache')
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser('convert', help='convert an official checkpoint into a Hub-ready folder '
+                                       '(model.safetensors, config.json, README.md)')
+    p.add_argument('--model', required=True, help='zoo model name, e.g. biformer_small')
+    p.add_argument('--checkpoint', required=True, help='the official .pth file (loaded with weights_only=True)')
+    p.add_argument('--out', required=True, help='folder to write')
+    p.add_argument('--tag', default='in1k', help='pretrained tag in the weights manifest (default: in1k)')
+    p.add_argument('--push', metavar='REPO', help='upload the folder to this Hub repo (token from HF_TOKEN)')
+    p.add_argument('--update-manifest', action='store_true',
+                   help='record sha256, size and status in weights_manifest.json')
+    p.add_argument('--no-flops', action='store_true', help='skip counting FLOPs for the model card')
+    p.add_argument('--quiet', action='store_true', help='no progress output')
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser('report', help='params, fvcore GFLOPs and activations per model, stage and operator, '
+                                      'with the papers\' numbers')
+    p.add_argument('models', nargs='*', metavar='PATTERN',
+                   help='model names or wildcard patterns, zoo or any timm model (default: every zoo model)')
+    p.add_argument('--img-size', nargs='+', default=['224'], metavar='SIZE',
+                   help='one or more input sizes: 224 or HxW, height first (1280x800 as mmdet get_flops --shape)')
+    p.add_argument('--features-only', action='store_true',
+                   help='profile the features_only backbone (no final norm/head), as detectors use it')
+    p.add_argument('--batch-size', type=int, default=1, help='images per traced batch; FLOPs are for the batch')
+    p.add_argument('--model-arg', action='append', default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model argument, repeatable (e.g. n_win=16 for BiFormer\'s detection '
+                        'backbone)')
+    p.add_argument('--format', choices=('table', 'markdown', 'json', 'csv'), default='table')
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser('bench', help='latency, throughput and peak memory, measured round-robin against a baseline')
+    p.add_argument('models', nargs='*', metavar='PATTERN',
+                   help='model names or wildcard patterns, zoo or any timm model (default: every zoo model)')
+    p.add_argument('--img-size', default='224', metavar='SIZE', help='224 or HxW, height first')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--mode', choices=('infer', 'train'), default='infer',
+                   help='infer: forward under inference_mode; train: forward + backward + SGD step')
+    p.add_argument('--rounds', type=int, default=10, help='timed round-robin rounds (one step per model each)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps per model before the rounds')
+    p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s choice)')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    p.add_argument('--amp', choices=('bf16', 'fp16'), default=None, help='autocast dtype (default: float32)')
+    p.add_argument('--baseline', default='swin_tiny_patch4_window7_224',
+                   help='model the ratios are computed against, added to the run if missing; "none" for no ratios')
+    p.add_argument('--model-arg', action='append', default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model argument for the models (not the baseline), repeatable')
+    p.add_argument('--format', choices=('table', 'markdown', 'json'), default='table')
+    p.add_argument('--json', action='store_true', help='same as --format json')
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

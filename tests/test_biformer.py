@@ -10,7 +10,6 @@ import biformer_zoo  # noqa: F401
 from biformer_zoo.models.biformer import _map_official_key
 from official_layouts import save_official_checkpoint
 
-torch.set_num_threads(2)
 
 MODELS = ['biformer_tiny', 'biformer_small', 'biformer_base', 'biformer_stl']
 OFFICIAL_PARAMS = {  # official model, num_classes=1000 (shared/reference/official_numbers.json)

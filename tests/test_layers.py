@@ -5,7 +5,6 @@ import torch.nn.functional as F
 
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention
 
-torch.set_num_threads(2)
 
 
 def reference_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:

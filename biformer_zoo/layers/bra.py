@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-__all__ = ['BiLevelRoutingAttention', 'AttentionLePE', 'route_regions']
+__all__ = ['BiLevelRoutingAttention', 'AttentionLePE', 'route_regions', 'routed_attention']
 
 
 def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> torch.Tensor:
@@ -39,6 +39,90 @@ def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> torch.Te
     # routing is not differentiable in BiFormer (the official code detaches q and k)
     affinity = query.detach() @ key.detach().transpose(-2, -1)  # (B, regions, regions)
     return torch.topk(affinity, k=topk, dim=-1).indices
+
+
+def region_token_index(num_regions: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat (row-major) token positions of each region of a (height, width) map, (num_regions**2, tokens)."""
+    rh, rw = height // num_regions, width // num_regions
+    rows = torch.arange(height, device=device).view(num_regions, rh, 1, 1)
+    cols = torch.arange(width, device=device).view(1, 1, num_regions, rw)
+    return (rows * width + cols).permute(0, 2, 1, 3).reshape(num_regions * num_regions, rh * rw)
+
+
+def _gather_qkv(
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        q_index: torch.Tensor,
+        kv_index: torch.Tensor,
+        heads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries of each region and keys/values of its routed regions, each (B * regions, heads, tokens, d)."""
+    num_query_regions, qk_dim = q_index.shape[0], qk.shape[1] // 2
+    q = qk[:, :qk_dim].index_select(0, q_index.flatten()).view(num_query_regions, -1, heads, qk_dim // heads)
+    k = qk[:, qk_dim:].index_select(0, kv_index.flatten()).view(num_query_regions, -1, heads, qk_dim // heads)
+    v = v.index_select(0, kv_index.flatten()).view(num_query_regions, -1, heads, v.shape[1] // heads)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def routed_attention(
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        q_index: torch.Tensor,
+        kv_index: torch.Tensor,
+        heads: int,
+        scale: float,
+) -> torch.Tensor:
+    """Attention of every query region over the tokens of its routed regions.
+
+    Args:
+        qk: Projected queries and keys of all tokens of the batch, (B * H * W, 2 * qk_dim), channels [q | k].
+        v: Projected values, (B * H * W, dim).
+        q_index: Rows holding each region's queries, (B * regions, tokens).
+        kv_index: Rows holding the keys/values of each region's routed regions, (B * regions, topk * tokens).
+        heads: Attention heads.
+        scale: Attention temperature.
+
+    Returns:
+        (B * regions, heads, tokens, dim / heads)
+    """
+    q, k, v = _gather_qkv(qk, v, q_index, kv_index, heads)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """``routed_attention`` that saves only the projected tokens for backward.
+
+    Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
+    Here backward gathers them again, recomputes the attention probabilities and scatters the gradients back
+    with ``index_put_`` (accumulating, and deterministic under ``torch.use_deterministic_algorithms``).
+    """
+
+    @staticmethod
+    def forward(ctx, qk: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor, heads: int,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(qk, v, q_index, kv_index)
+        ctx.heads, ctx.scale = heads, scale
+        return routed_attention(qk, v, q_index, kv_index, heads, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        qk, v_rows, q_index, kv_index = ctx.saved_tensors
+        scale = ctx.scale
+        q, k, v = _gather_qkv(qk, v_rows, q_index, kv_index, ctx.heads)
+        probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # (B * regions, heads, tokens, routed)
+        grad_v = probs.transpose(-2, -1) @ grad_out
+        grad_probs = grad_out @ v.transpose(-2, -1)
+        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_q = (grad_logits @ k) * scale
+        grad_k = (grad_logits.transpose(-2, -1) @ q) * scale
+        qk_dim, q_rows, kv_rows = qk.shape[1] // 2, q_index.flatten(), kv_index.flatten()
+        # every token is the query of exactly one region; routed keys/values repeat, so they accumulate
+        grad_qk = torch.zeros_like(qk)
+        grad_qk[:, :qk_dim].index_put_((q_rows,), grad_q.transpose(1, 2).flatten(2).flatten(0, 1))
+        grad_qk[:, qk_dim:].index_put_((kv_rows,), grad_k.transpose(1, 2).flatten(2).flatten(0, 1), accumulate=True)
+        grad_v_rows = torch.zeros_like(v_rows).index_put_(
+            (kv_rows,), grad_v.transpose(1, 2).flatten(2).flatten(0, 1), accumulate=True)
+        return grad_qk, grad_v_rows, None, None, None, None
 
 
 @register_notrace_module
@@ -93,41 +177,48 @@ class BiLevelRoutingAttention(nn.Module):
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, num_regions={self.num_regions}, topk={self.topk}'
 
+    @torch.jit.unused
+    def _routed_attention_autograd(
+            self, qk: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+        return _RoutedAttention.apply(qk, v, q_index, kv_index, self.num_heads, self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         B, H, W, _ = x.shape
         n = self.num_regions
         pad_b, pad_r = (n - H % n) % n, (n - W % n) % n
-        if pad_b > 0 or pad_r > 0:
+        if pad_b > 0 or pad_r > 0:  # zero-pad before the projections, as the official auto_pad does
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
         rh, rw = Hp // n, Wp // n
-        num_regions, region_len = n * n, rh * rw
-        qk_dim, heads = self.qk_dim, self.num_heads
+        qk_dim = self.qk_dim
 
-        qkv_map = self.qkv(x)  # (B, Hp, Wp, 2 * qk_dim + dim)
-        # group the tokens of each region together
-        qkv = qkv_map.view(B, n, rh, n, rw, -1).transpose(2, 3).reshape(B, num_regions, region_len, -1)
-        q, kv = qkv.split([qk_dim, qk_dim + self.dim], dim=-1)  # (B, regions, tokens, C)
+        # one projection, computed as two so that q|k and v each come out contiguous
+        qk = F.linear(x, self.qkv.weight[:2 * qk_dim], self.qkv.bias[:2 * qk_dim])  # (B, Hp, Wp, 2 * qk_dim)
+        v = F.linear(x, self.qkv.weight[2 * qk_dim:], self.qkv.bias[2 * qk_dim:])  # (B, Hp, Wp, dim)
 
-        # coarse level: route each query region to its topk key regions
-        routed = route_regions(q.mean(2) * self.scale, kv[..., :qk_dim].mean(2), self.topk)  # (B, regions, topk)
-        offsets = torch.arange(B, device=x.device).view(B, 1, 1) * num_regions
-        kv = kv.reshape(B * num_regions, region_len, -1).index_select(0, (routed + offsets).flatten())
-        kv = kv.view(B * num_regions, self.topk * region_len, -1)  # (B * regions, routed tokens, qk_dim + dim)
-        k = kv[..., :qk_dim].unflatten(-1, (heads, -1))  # (B * regions, routed tokens, heads, d_qk)
-        v = kv[..., qk_dim:].unflatten(-1, (heads, -1))  # (B * regions, routed tokens, heads, d_v)
+        # coarse level: route each region by the mean of its queries and keys
+        qk_regions = F.avg_pool2d(qk.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
+        routed = route_regions(qk_regions[..., :qk_dim] * self.scale, qk_regions[..., qk_dim:], self.topk)
+
+        # token rows of each region's queries and of its routed regions' keys/values
+        tokens = region_token_index(n, Hp, Wp, x.device)  # (regions, tokens)
+        batch_offset = torch.arange(B, device=x.device).view(B, 1, 1) * (Hp * Wp)
+        q_index = (tokens.unsqueeze(0) + batch_offset).flatten(0, 1)  # (B * regions, tokens)
+        kv_index = (tokens[routed].flatten(2) + batch_offset).flatten(0, 1)  # (B * regions, topk * tokens)
 
         # fine level: token attention within the routed regions
-        q = q.reshape(B * num_regions, region_len, heads, -1).transpose(1, 2)  # (B * regions, heads, tokens, d)
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
+        qk_rows, v_rows = qk.reshape(B * Hp * Wp, -1), v.reshape(B * Hp * Wp, -1)
+        if torch.jit.is_scripting() or not (torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)):
+            out = routed_attention(qk_rows, v_rows, q_index, kv_index, self.num_heads, self.scale)
+        else:
+            out = self._routed_attention_autograd(qk_rows, v_rows, q_index, kv_index)
         # (B * regions, heads, tokens, d) -> (B, Hp, Wp, dim)
         out = out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3).reshape(B, Hp, Wp, self.dim)
 
         if self.lepe is not None:
-            value_map = qkv_map[..., 2 * qk_dim:].permute(0, 3, 1, 2)  # (B, dim, Hp, Wp)
-            out = out + self.lepe(value_map).permute(0, 2, 3, 1)
+            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out)
         if pad_b > 0 or pad_r > 0:
             out = out[:, :H, :W].contiguous()

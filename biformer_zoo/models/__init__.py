@@ -4,6 +4,7 @@ from typing import List
 import timm
 
 from . import biformer  # noqa: F401
+from . import crossformer  # noqa: F401
 
 FAMILIES = ('biformer', 'crossformer')
 

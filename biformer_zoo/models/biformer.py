@@ -385,7 +385,8 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
     kwargs = prepare_pretrained(variant, pretrained, kwargs)
-    if kwargs.get('pretrained_cfg', '') == 'in1k_nchw':
+    cfg = kwargs.get('pretrained_cfg')  # a tag from 'name.tag', or a dict (hf-hub:/local-dir: config.json)
+    if (cfg.get('tag') if isinstance(cfg, dict) else cfg) == 'in1k_nchw':
         kwargs.setdefault('global_lepe_on_value', True)
     return build_model_with_cfg(
         BiFormer, variant, pretrained,

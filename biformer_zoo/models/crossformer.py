@@ -1,0 +1,470 @@
+"""CrossFormer and CrossFormer++: vision transformers built on cross-scale embeddings and grouped attention.
+
+Papers: CrossFormer: A Versatile Vision Transformer Based on Cross-scale Attention (Wang et al., ICLR 2022,
+https://arxiv.org/abs/2108.00154); CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention
+(Wang et al., TPAMI, https://arxiv.org/abs/2303.06908).
+Official code: https://github.com/cheerss/CrossFormer (CrossFormer-T/S/B/L checkpoints from the old ``crossformer``
+branch, CrossFormer++ from ``main``).
+
+Same architectures and parameters as the official models; official checkpoints of both branches load through
+``checkpoint_filter_fn``. Differences from the official code:
+* any input size (H, W >= 32, non-square, odd): every block pads its map to whole groups and masks the padding out
+  of attention, as the official detection backbones do; the merging layers zero-pad odd sides (the official ones
+  only take even sides). The group shape follows the official rule (``biformer_zoo.layers.lsda.group_layout``):
+  at the sizes where the official models run the results are the same;
+* ``forward`` changes no state (the official detection backbone rewrites a block's SDA/LDA flag on a small input);
+* attention through ``F.scaled_dot_product_attention`` with the dynamic position bias as the mask, computed once
+  per block call (cached in eval mode);
+* the timm model contract (``features_only``, ``forward_intermediates``, ``reset_classifier``, ...).
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..hub import prepare_pretrained
+from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention, check_image_input
+
+__all__ = ['CrossFormer']
+
+_MIN_INPUT_SIZE = 32
+
+
+class CrossFormerBlock(nn.Module):
+    """Pre-norm SDA or LDA attention and MLP on (B, H, W, C) maps, optionally followed by a cooling layer.
+
+    The amplitude cooling layer of CrossFormer++ (``cooling=True``) is a 3x3 depthwise conv then a LayerNorm,
+    applied to the block output without a residual connection (``ex_conv``/``ex_ln`` in the official code).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            group_size: int = 7,
+            interval: int = 8,
+            long_distance: bool = False,
+            group_rule: str = 'crossformer',
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            cooling: bool = False,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = LSDAttention(
+            dim, num_heads, group_size=group_size, interval=interval, long_distance=long_distance,
+            group_rule=group_rule, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+            proj_drop=proj_drop, channels_last=True)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if cooling else None
+        self.ex_ln = nn.LayerNorm(dim) if cooling else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        if self.ex_conv is not None and self.ex_ln is not None:
+            x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x
+
+
+class CrossFormerStage(nn.Module):
+    """Cross-scale merging (or identity after the stem), then blocks alternating SDA and LDA; NCHW in and out."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            group_size: int,
+            interval: int,
+            merge_kernel_sizes: Sequence[int] = (),
+            cooling_layers: bool = False,
+            drop_path: Sequence[float] = (),
+            **block_kwargs: Any,
+    ):
+        super().__init__()
+        if merge_kernel_sizes:
+            self.downsample = CrossScaleMerge(in_dim, dim, merge_kernel_sizes, channels_last=True)
+        else:
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[
+            CrossFormerBlock(
+                dim, num_heads, group_size=group_size, interval=interval, long_distance=j % 2 == 1,
+                drop_path=drop_path[j] if drop_path else 0.,
+                cooling=cooling_layers and (j + 1) % 3 == 0 and j < depth - 1,  # every third block but the last
+                **block_kwargs)
+            for j in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x.permute(0, 2, 3, 1))  # (B, H, W, C)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class CrossFormer(nn.Module):
+    """CrossFormer / CrossFormer++ backbone and classifier.
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 for no classifier.
+        global_pool: 'avg' or '' (no pooling).
+        embed_dim: Channels of the first stage; stage i has ``embed_dim * 2**i``.
+        depths: Blocks per stage; even blocks use SDA, odd blocks LDA.
+        num_heads: Attention heads per stage.
+        group_size: Group side G per stage (or one for all).
+        interval: LDA interval per stage (or one for all).
+        group_rule: 'crossformer' or 'crossformerpp': how groups follow the map size
+            (see ``biformer_zoo.layers.lsda``).
+        cooling_layers: Add the amplitude cooling layers of CrossFormer++ (every third block).
+        patch_kernel_sizes: Kernels of the cross-scale patch embedding (stride 4).
+        merge_kernel_sizes: Kernels of the cross-scale merging layers (stride 2).
+        mlp_ratio: MLP expansion.
+        qkv_bias: Bias in the query/key/value projections.
+        qk_scale: Attention temperature; default ``head_dim ** -0.5``.
+        drop_rate: Dropout before the classifier.
+        proj_drop_rate: Dropout after the attention projection and in the MLP.
+        attn_drop_rate: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth, rising linearly over the blocks (official training: 0.1-0.5).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 96,
+            depths: Tuple[int, ...] = (2, 2, 6, 2),
+            num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+            group_size: Union[int, Tuple[int, ...]] = 7,
+            interval: Union[int, Tuple[int, ...]] = (8, 4, 2, 1),
+            group_rule: str = 'crossformer',
+            cooling_layers: bool = False,
+            patch_kernel_sizes: Tuple[int, ...] = (4, 8, 16, 32),
+            merge_kernel_sizes: Tuple[int, ...] = (2, 4),
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        group_sizes = to_ntuple(num_stages)(group_size)
+        intervals = to_ntuple(num_stages)(interval)
+        if not (len(num_heads) == len(group_sizes) == len(intervals) == num_stages):
+            raise ValueError(
+                f'depths, num_heads, group_size and interval need one entry per stage, got {len(depths)}, '
+                f'{len(num_heads)}, {len(group_sizes)} and {len(intervals)}')
+        embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = CrossScaleEmbed(in_chans, embed_dim, patch_kernel_sizes, stride=4, channels_last=False)
+
+        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            stages.append(CrossFormerStage(
+                in_dim=embed_dims[i - 1] if i > 0 else embed_dim,
+                dim=embed_dims[i],
+                depth=depths[i],
+                num_heads=num_heads[i],
+                group_size=group_sizes[i],
+                interval=intervals[i],
+                merge_kernel_sizes=merge_kernel_sizes if i > 0 else (),
+                cooling_layers=cooling_layers,
+                drop_path=dpr[i],
+                group_rule=group_rule,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.norm = LayerNorm2d(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning the outputs of the stages selected by ``indices`` (and the final features).
+
+        Args:
+            x: Input images (B, C, H, W).
+            indices: Take the last n stages if int, all if None, else the stages listed.
+            norm: Apply the final norm to the last stage's output when it is taken.
+            stop_early: Stop after the last stage needed.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if not torch.jit.is_scripting():  # the check formats its message with Python-only code
+            check_image_input(x, self.in_chans, _MIN_INPUT_SIZE)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and norm/head) that the given intermediates do not need."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # the check formats its message with Python-only code
+            check_image_input(x, self.in_chans, _MIN_INPUT_SIZE)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.forward_head(x)
+
+
+# derived buffers that the old ``crossformer`` branch saved with the weights (recomputed here)
+_OFFICIAL_BUFFERS = ('.attn.biases', '.attn.relative_position_index', '.attn_mask')
+
+
+def _map_official_key(key: str) -> str:
+    """Rename one official CrossFormer key (``main`` or old ``crossformer`` branch) to ours."""
+    if key.startswith('patch_embed.'):
+        return 'stem.' + key[len('patch_embed.'):]
+    if key.startswith('layers.'):
+        _, stage, rest = key.split('.', 2)
+        if rest.startswith('downsample.'):  # the official merge closes stage i, ours opens stage i + 1
+            return f'stages.{int(stage) + 1}.{rest}'
+        return f'stages.{stage}.{rest}'
+    if key.startswith('head.'):
+        return 'head.fc.' + key[len('head.'):]
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer) -> Dict[str, torch.Tensor]:
+    """Map an official CrossFormer / CrossFormer++ checkpoint onto this implementation.
+
+    Handles the ``main`` branch layout and the old ``crossformer`` branch one (which also holds the derived buffers
+    ``attn.biases`` and ``attn.relative_position_index``, dropped here). Our own layout passes through unchanged.
+    """
+    state_dict = state_dict.get('model', state_dict)
+    if 'stem.projs.0.weight' in state_dict:
+        return state_dict
+    return {_map_official_key(k): v for k, v in state_dict.items() if not k.endswith(_OFFICIAL_BUFFERS)}
+
+
+def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    kwargs = prepare_pretrained(variant, pretrained, kwargs)
+    img_size = kwargs.pop('img_size', None)
+    if img_size is not None:  # any size runs; img_size only describes the preferred input
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+        overlay['input_size'] = (3,) + size
+        kwargs['pretrained_cfg_overlay'] = overlay
+    return build_model_with_cfg(
+        CrossFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(official_file: str = '', official_url: str = '', plus: bool = False, **kwargs: Any) -> Dict[str, Any]:
+    paper = ('arXiv:2303.06908', 'CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention') \
+        if plus else ('arXiv:2108.00154', 'CrossFormer: A Versatile Vision Transformer Based on Cross-scale Attention')
+    branch = 'main' if plus else 'crossformer'
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'min_input_size': (3, _MIN_INPUT_SIZE, _MIN_INPUT_SIZE), 'fixed_input_size': False,
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': ('stem.projs.0', 'stem.projs.1', 'stem.projs.2', 'stem.projs.3'),
+        'classifier': 'head.fc',
+        'license': 'mit', 'paper_ids': paper[0], 'paper_name': paper[1],
+        'origin_url': 'https://github.com/cheerss/CrossFormer',
+        'notes': (f'converted from the official release {official_file} ({branch} branch), {official_url}',),
+        **kwargs,
+    }
+
+
+def _gdrive(file_id: str) -> str:
+    return f'https://drive.google.com/file/d/{file_id}/view?usp=sharing'
+
+
+def _baidu(share_id: str) -> str:
+    return f'https://pan.baidu.com/s/{share_id}?pwd=crsf'
+
+
+_official_cfgs = {
+    'crossformer_tiny.in1k': _cfg('CrossFormer-T', _gdrive('1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq')),
+    'crossformer_small.in1k': _cfg('CrossFormer-S', _gdrive('1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8')),
+    'crossformer_base.in1k': _cfg('CrossFormer-B', _gdrive('1bK8biVCi17nz_nkt7rBfio_kywUpllSU')),
+    'crossformer_large.in1k': _cfg('CrossFormer-L', _gdrive('1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG')),
+    'crossformerpp_small.in1k': _cfg('CrossFormer++-S', _baidu('1smc_kRoogd0Ig5vfqwuGTA'), plus=True),
+    'crossformerpp_base.in1k': _cfg('CrossFormer++-B', _baidu('13XVP0ebtNcyRMmkl11ALYg'), plus=True),
+    'crossformerpp_large.in1k': _cfg('CrossFormer++-L', _baidu('1xtPh-ndcOxRM7fPYYxIIRg'), plus=True),
+    # the official README links CrossFormer++-H to the same share as CrossFormer++-L
+    'crossformerpp_huge.in1k': _cfg('CrossFormer++-H', _baidu('1xtPh-ndcOxRM7fPYYxIIRg'), plus=True),
+}
+default_cfgs = generate_default_cfgs({
+    name: dict(cfg, hf_hub_id=f'biformer-zoo/{name}') for name, cfg in _official_cfgs.items()})
+
+_CROSSFORMER = dict(group_size=7, interval=(8, 4, 2, 1), group_rule='crossformer')
+_CROSSFORMERPP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), group_rule='crossformerpp', cooling_layers=True)
+
+
+@register_model
+def crossformer_tiny(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-T: 27.8M params, 2.9 GFLOPs at 224."""
+    model_args = dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), **_CROSSFORMER)
+    return _create_crossformer('crossformer_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformer_small(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-S: 30.7M params, 4.9 GFLOPs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), **_CROSSFORMER)
+    return _create_crossformer('crossformer_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformer_base(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-B: 52.0M params, 9.2 GFLOPs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_CROSSFORMER)
+    return _create_crossformer('crossformer_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformer_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-L: 92.0M params, 16.1 GFLOPs at 224."""
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_CROSSFORMER)
+    return _create_crossformer('crossformer_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_small(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-S: 23.3M params, 4.5 GFLOPs at 224 (fvcore; the README says 4.9)."""
+    model_args = dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), **_CROSSFORMERPP)
+    return _create_crossformer('crossformerpp_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_base(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-B: 52.0M params, 9.6 GFLOPs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_CROSSFORMERPP)
+    return _create_crossformer('crossformerpp_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-L: 92.0M params, 16.8 GFLOPs at 224."""
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_CROSSFORMERPP)
+    return _create_crossformer('crossformerpp_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_huge(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-H: 96.0M params, 22.1 GFLOPs at 224."""
+    model_args = dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), **_CROSSFORMERPP)
+    return _create_crossformer('crossformerpp_huge', pretrained=pretrained, **dict(model_args, **kwargs))

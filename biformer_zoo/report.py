@@ -1,0 +1,648 @@
+"""Parameter and FLOP report for any timm model, with the papers' numbers beside ours.
+
+FLOPs follow fvcore's convention: one multiply-add is one flop, and only the operators that have a
+handle are counted (convolutions, matmuls, linear layers, norms, a few pooling/upsampling ops).
+fvcore alone silently counts ``scaled_dot_product_attention`` (and ``baddbmm``) as zero, which would
+hide the attention matmuls of every model that uses a fused attention kernel; this module registers
+handles for them that count exactly the two matmuls an unfused attention performs
+(``q @ k^T`` and ``attn @ v``): ``batch * heads * Lq * Lk * (d_qk + d_v)``. What is still not counted
+(softmax, topk, elementwise ops, the scale/mask/softmax inside attention) is listed per model in
+``ModelProfile.uncounted_ops``.
+"""
+import ast
+import csv
+import io
+import json
+import math
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+
+with warnings.catch_warnings():  # fvcore scripts a loss function at import, which torch now warns about
+    warnings.simplefilter('ignore', FutureWarning)
+    from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+from timm.models import FeatureInfo
+from torch import nn
+
+from .models import list_zoo_models
+
+__all__ = [
+    'ModelProfile', 'StageProfile', 'PaperNumbers', 'PAPER_NUMBERS', 'REPORT_SCHEMA_VERSION', 'REPORT_FORMATS',
+    'profile', 'profile_many', 'flop_analysis', 'activation_analysis', 'resolve_model_names', 'parse_img_size',
+    'parse_model_args', 'create_model_for_size', 'TextTable', 'report_tables', 'render_report', 'print_rich_tables',
+    'tables_to_markdown', 'progress_bar',
+]
+
+REPORT_SCHEMA_VERSION = 1
+PAPER_INPUT_SIZE = (224, 224)
+
+ImageSize = Tuple[int, int]  # (height, width)
+
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """The official models' numbers at 224x224 with a 1000-class head.
+
+    ``params_exact``: parameter elements of the official model; ``fvcore_gflops``: fvcore's total on the
+    official code; ``paper_params_m`` / ``paper_gflops``: what the paper/README print; ``top1``: ImageNet-1k top-1.
+    """
+    params_exact: int
+    fvcore_gflops: float
+    paper_params_m: float
+    paper_gflops: float
+    top1: float
+    note: str = ''
+
+
+# Facts measured on, or printed by, the official repositories (rayleizhu/BiFormer, cheerss/CrossFormer).
+PAPER_NUMBERS: Dict[str, PaperNumbers] = {
+    'biformer_tiny': PaperNumbers(13142760, 2.228, 13.1, 2.2, 81.4),
+    'biformer_small': PaperNumbers(25536232, 4.487, 25.5, 4.5, 83.8),
+    'biformer_base': PaperNumbers(56804968, 9.795, 56.8, 9.8, 84.3),
+    'biformer_stl': PaperNumbers(28372552, 4.590, 28.4, 4.6, 82.7),
+    'crossformer_tiny': PaperNumbers(27776794, 2.870, 27.8, 2.9, 81.5),
+    'crossformer_small': PaperNumbers(30657394, 4.925, 30.7, 4.9, 82.5),
+    'crossformer_base': PaperNumbers(51971554, 9.188, 52.0, 9.2, 83.4),
+    'crossformer_large': PaperNumbers(91971184, 16.146, 92.0, 16.1, 84.0),
+    'crossformerpp_small': PaperNumbers(
+        23325340, 4.451, 23.3, 4.9, 83.2, note='the README prints 4.9 GFLOPs; fvcore gives 4.45 and the official '
+                                              'model.flops() 4.39 for the released configuration'),
+    'crossformerpp_base': PaperNumbers(51994594, 9.626, 52.0, 9.5, 84.2),
+    'crossformerpp_large': PaperNumbers(92001904, 16.768, 92.0, 16.6, 84.7),
+    'crossformerpp_huge': PaperNumbers(95962944, 22.073, 96.0, 21.8, 84.9),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fvcore handles for the operators fvcore leaves at zero
+
+ATTENTION_OPS = (
+    'aten::scaled_dot_product_attention',
+    'aten::_scaled_dot_product_attention_math',
+    'aten::_scaled_dot_product_flash_attention',
+    'aten::_scaled_dot_product_flash_attention_for_cpu',
+    'aten::_scaled_dot_product_efficient_attention',
+    'aten::_scaled_dot_product_cudnn_attention',
+)
+
+SDPA_UNCOUNTED = 'sdpa softmax/scale/mask'  # the non-matmul work inside scaled_dot_product_attention
+
+# Operators that only move, view, index or create data: zero flops by any convention.
+DATA_MOVEMENT_OPS = frozenset(f'aten::{op}' for op in (
+    'Int', 'ScalarImplicit', 'size', 'numel', 'dim', 'arange', 'empty', 'empty_like', 'new_empty', 'new_full',
+    'new_zeros', 'new_ones', 'zeros', 'zeros_like', 'ones', 'ones_like', 'full', 'full_like', 'linspace', 'meshgrid',
+    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'unsqueeze_',
+    'permute', 'transpose', 't', 'contiguous', 'expand', 'expand_as', 'repeat', 'repeat_interleave', 'tile',
+    'slice', 'select', 'narrow', 'chunk', 'split', 'split_with_sizes', 'unbind', 'cat', 'concat', 'stack',
+    'roll', 'flip', 'unfold', 'pixel_shuffle', 'pixel_unshuffle', 'pad', 'constant_pad_nd', 'reflection_pad2d',
+    'replication_pad2d', 'gather', 'index', 'index_select', 'take_along_dim', 'index_put_', 'scatter',
+    'copy_', 'clone', 'detach', 'to', 'type_as', 'dropout', 'feature_dropout', 'alpha_dropout', 'lift_fresh',
+    'nonzero', 'masked_select', 'movedim', 'as_strided', 'channel_shuffle',
+    # in traces these two are Python-int shape arithmetic (window/padding sizes), not tensor compute
+    'remainder', 'floor_divide',
+))
+
+
+def _shape(value: Any) -> List[int]:
+    shape = get_shape(value)
+    if shape is None:
+        raise RuntimeError('fvcore could not read a tensor shape from the traced graph; trace the model with a '
+                           'concrete input tensor (no dynamic shapes)')
+    return list(shape)
+
+
+def attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Flops of ``scaled_dot_product_attention(q, k, v)`` as the two matmuls of unfused attention.
+
+    q: (..., Lq, d_qk), k: (..., Lk, d_qk), v: (..., Lk, d_v), out: (..., Lq, d_v) with broadcast batch dims
+    (heads included; grouped-query attention broadcasts k/v over the query heads).
+    """
+    query, key, value, out = _shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]), _shape(outputs[0])
+    batch_heads = math.prod(out[:-2])
+    return batch_heads * query[-2] * key[-2] * (query[-1] + value[-1])
+
+
+def attention_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Activations of attention as fvcore counts the unfused version: the score matrix plus the output."""
+    query, key, value, out = _shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]), _shape(outputs[0])
+    batch_heads = math.prod(out[:-2])
+    return batch_heads * query[-2] * key[-2] + batch_heads * query[-2] * value[-1]
+
+
+def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Flops of ``baddbmm(bias, a, b)``: the batched matmul a (B, n, k) @ b (B, k, m); the bias add is elementwise."""
+    batch1, batch2 = _shape(inputs[1]), _shape(inputs[2])
+    return batch1[0] * batch1[1] * batch1[2] * batch2[2]
+
+
+def output_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """Activations as fvcore counts them for matmul-like ops: the elements of the output."""
+    return math.prod(_shape(outputs[0]))
+
+
+EXTRA_FLOP_HANDLES: Dict[str, Callable] = {
+    **{op: attention_flop_jit for op in ATTENTION_OPS}, 'aten::baddbmm': baddbmm_flop_jit}
+EXTRA_ACTIVATION_HANDLES: Dict[str, Callable] = {
+    **{op: attention_activation_jit for op in ATTENTION_OPS}, 'aten::baddbmm': output_activation_jit}
+
+
+def _quiet(analysis: Any) -> Any:
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    analysis.tracer_warnings('none')
+    return analysis
+
+
+def _counting(handle: Callable, op: str, calls: Counter) -> Callable:
+    def counted_handle(inputs: List[Any], outputs: List[Any]) -> int:
+        calls[op] += 1
+        return handle(inputs, outputs)
+    return counted_handle
+
+
+def _traced_without_grad(analysis: Any) -> Any:
+    """Run the (lazy, cached) fvcore trace now, under ``no_grad``: models that wrap a kernel in an autograd Function
+    only for training then trace their plain, countable path."""
+    with torch.no_grad():
+        analysis.total()
+    return analysis
+
+
+def flop_analysis(model: nn.Module, inputs: torch.Tensor, calls: Optional[Counter] = None) -> FlopCountAnalysis:
+    """fvcore ``FlopCountAnalysis`` with attention/baddbmm handles, traced under ``no_grad``.
+
+    fvcore ignores some arithmetic ops by default (relu, clamp, max, masked_fill ...); here only data movement is
+    ignored, so that ``unsupported_ops()`` lists every op that computes something and is not counted.
+    ``calls``, if given, receives how often each of the extra handled ops ran. A custom ``torch.autograd.Function``
+    traces as one opaque ``prim::PythonOp.<name>`` whose contents are not counted; it is listed as unsupported.
+    """
+    handles = EXTRA_FLOP_HANDLES if calls is None else {
+        op: _counting(handle, op, calls) for op, handle in EXTRA_FLOP_HANDLES.items()}
+    analysis = _quiet(FlopCountAnalysis(model, inputs).set_op_handle(**handles))
+    analysis._ignored_ops = set(DATA_MOVEMENT_OPS)  # fvcore has no public way to un-ignore an op
+    return _traced_without_grad(analysis)
+
+
+def activation_analysis(model: nn.Module, inputs: torch.Tensor) -> ActivationCountAnalysis:
+    """fvcore ``ActivationCountAnalysis`` with attention/baddbmm handles, traced under ``no_grad``."""
+    return _traced_without_grad(
+        _quiet(ActivationCountAnalysis(model, inputs).set_op_handle(**EXTRA_ACTIVATION_HANDLES)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profiles
+
+
+@dataclass
+class StageProfile:
+    """One stage (a module named in the model's ``feature_info``)."""
+    name: str
+    params: int
+    gflops: float
+    gflops_by_operator: Dict[str, float]
+
+
+@dataclass
+class ModelProfile:
+    """Parameters, fvcore FLOPs and activations of one model at one input size, and the paper's numbers.
+
+    ``gflops`` and ``activations_m`` are for the whole batch (``batch_size`` images). ``other_*`` is everything
+    outside the stages (stem, final norm, head). ``model_kwargs`` are the extra ``timm.create_model`` arguments.
+    ``reference`` is filled only where the setting matches the paper's (224x224, classifier, 1000 classes, no
+    extra model arguments); ``*_diff_pct`` are (ours - reference) / reference * 100.
+    """
+    model: str
+    input_size: Tuple[int, int, int]  # (C, H, W)
+    batch_size: int
+    features_only: bool
+    params: int
+    trainable_params: int
+    gflops: float
+    activations_m: float
+    stages: List[StageProfile]
+    model_kwargs: Dict[str, Any]
+    other_params: int
+    other_gflops: float
+    gflops_by_operator: Dict[str, float]
+    uncounted_ops: Dict[str, int]
+    reference: Optional[Dict[str, float]] = None
+    schema_version: int = REPORT_SCHEMA_VERSION
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def parse_img_size(value: Union[str, int, Sequence[int]]) -> ImageSize:
+    """``224`` -> (224, 224); ``'1280x800'`` -> (1280, 800): height first, as mmdet's ``get_flops.py --shape``."""
+    if isinstance(value, int):
+        sizes = [value, value]
+    elif isinstance(value, str):
+        parts = value.lower().replace('*', 'x').split('x')
+        if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 2):
+            raise ValueError(f'image size must be an integer like 224 or HxW like 1280x800, got {value!r}')
+        sizes = [int(p) for p in parts] * (3 - len(parts))
+    else:
+        sizes = list(value)[-2:]
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f'image size must be two positive integers (height, width), got {value!r}')
+    return int(sizes[0]), int(sizes[1])
+
+
+def parse_model_args(pairs: Optional[Iterable[str]]) -> Dict[str, Any]:
+    """``['n_win=16', 'topks=(1,4,16,None)']`` -> ``{'n_win': 16, 'topks': (1, 4, 16, None)}``.
+
+    Values are Python literals where they parse as one, strings otherwise.
+    """
+    kwargs: Dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition('=')
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f'model argument must look like KEY=VALUE (e.g. n_win=16), got {pair!r}')
+        try:
+            kwargs[key.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = text
+    return kwargs
+
+
+def resolve_model_names(patterns: Optional[Iterable[str]] = None) -> List[str]:
+    """Model names for the given names or wildcard patterns (``'biformer_*'``, ``'swin_tiny*'``).
+
+    No patterns means every model of this package. Any timm model name is accepted. Raises ``ValueError`` for a
+    name timm does not know or a pattern that matches nothing.
+    """
+    patterns = list(patterns or [])
+    if not patterns:
+        return list_zoo_models()
+    names: List[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in '*?['):
+            matches = timm.list_models(pattern)
+            if not matches:
+                raise ValueError(f'pattern {pattern!r} matches no timm model; check it with '
+                                 f'`python -c "import biformer_zoo, timm; print(timm.list_models({pattern!r}))"`')
+        elif timm.is_model(pattern):
+            matches = [pattern]
+        else:
+            close = get_close_matches(pattern, list_zoo_models() + timm.list_models(), n=3)
+            hint = f'; did you mean {", ".join(close)}?' if close else '; `biformer-zoo list` shows the zoo models'
+            raise ValueError(f'unknown model {pattern!r}: it is neither a biformer-zoo model nor a timm model{hint}')
+        names.extend(m for m in matches if m not in names)
+    return names
+
+
+def create_model_for_size(name: str, img_size: ImageSize, features_only: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``name`` (random weights) so that it accepts ``img_size`` inputs.
+
+    Models with a fixed input size (e.g. timm's Swin) are built with ``img_size``; models that take any size and
+    have no such argument are built without it.
+    """
+    default_cfg = timm.get_pretrained_cfg(name)
+    default_size = tuple(default_cfg.input_size[-2:]) if default_cfg is not None else None
+    if default_size != tuple(img_size):
+        try:
+            return timm.create_model(name, features_only=features_only, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise
+    return timm.create_model(name, features_only=features_only, **kwargs)
+
+
+def _stage_modules(model: nn.Module) -> List[Tuple[str, str]]:
+    """(name in ``feature_info``, name in ``named_modules``) of each stage, e.g. ('stages.0', 'stages_0')."""
+    info = getattr(model, 'feature_info', None)
+    if info is None:
+        return []
+    listed = info.module_name() if isinstance(info, FeatureInfo) else [f['module'] for f in info]
+    present = dict(model.named_modules())
+    stages = []
+    for listed_name in listed:
+        # FeatureListNet flattens 'stages.0' to 'stages_0'; FeatureGetterNet keeps the model as '.model'
+        for candidate in (listed_name, listed_name.replace('.', '_'), f'model.{listed_name}'):
+            if candidate in present:
+                stages.append((listed_name, candidate))
+                break
+    return stages
+
+
+def _gflops(counter: Dict[str, int]) -> Dict[str, float]:
+    return {op: count / 1e9 for op, count in sorted(counter.items(), key=lambda kv: -kv[1]) if count}
+
+
+def _reference(name: str, profile_: 'ModelProfile', num_classes: Optional[int]) -> Optional[Dict[str, float]]:
+    numbers = PAPER_NUMBERS.get(name)
+    if (numbers is None or profile_.features_only or profile_.model_kwargs
+            or profile_.input_size[1:] != PAPER_INPUT_SIZE or num_classes != 1000):
+        return None
+    gflops_per_image = profile_.gflops / profile_.batch_size
+    return dict(
+        official_params=numbers.params_exact,
+        params_diff=profile_.params - numbers.params_exact,
+        official_fvcore_gflops=numbers.fvcore_gflops,
+        official_fvcore_gflops_diff_pct=100 * (gflops_per_image - numbers.fvcore_gflops) / numbers.fvcore_gflops,
+        paper_params_m=numbers.paper_params_m,
+        paper_params_diff_pct=100 * (profile_.params / 1e6 - numbers.paper_params_m) / numbers.paper_params_m,
+        paper_gflops=numbers.paper_gflops,
+        paper_gflops_diff_pct=100 * (gflops_per_image - numbers.paper_gflops) / numbers.paper_gflops,
+        top1=numbers.top1,
+    )
+
+
+def _uncounted_label(op_kind: str) -> str:
+    """'aten::softmax' -> 'softmax'; 'prim::PythonOp.MyFunction' -> 'python op MyFunction' (an autograd Function)."""
+    return op_kind.replace('aten::', '').replace('prim::PythonOp.', 'python op ')
+
+
+@torch.no_grad()
+def profile(
+        model_or_name: Union[str, nn.Module],
+        input_size: Union[int, str, Sequence[int]] = 224,
+        batch_size: int = 1,
+        features_only: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> ModelProfile:
+    """Count parameters, fvcore FLOPs (1 multiply-add = 1 flop) and activations of a model.
+
+    Args:
+        model_or_name: a timm model name (zoo models included) or a built ``nn.Module``.
+        input_size: 224, (H, W), (C, H, W) or 'HxW'.
+        batch_size: images per traced batch; FLOPs and activations are for the whole batch.
+        features_only: build the model name with ``features_only=True`` (backbone as used by detectors).
+        model_kwargs: extra ``timm.create_model`` arguments for a model name, e.g. ``dict(n_win=16)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+    img_size = parse_img_size(input_size)
+    if isinstance(model_or_name, str):
+        name = model_or_name
+        model = create_model_for_size(name, img_size, features_only=features_only, **(model_kwargs or {}))
+    elif model_kwargs:
+        raise ValueError(f'model_kwargs={model_kwargs} only apply to a model name; build the module with them instead')
+    elif isinstance(model_or_name, nn.Module):
+        model = model_or_name
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        name = cfg.get('architecture') or type(model).__name__
+    else:
+        raise ValueError(f'expected a model name or an nn.Module, got {type(model_or_name).__name__}')
+    in_chans = int(getattr(model, 'in_chans', 3) or 3)
+    if isinstance(input_size, (tuple, list)) and len(input_size) == 3:
+        in_chans = int(input_size[0])
+    model.eval()
+    inputs = torch.randn(batch_size, in_chans, *img_size)  # (B, C, H, W)
+
+    extra_op_calls: Counter = Counter()
+    flops = flop_analysis(model, inputs, calls=extra_op_calls)
+    flops_by_module = flops.by_module()
+    flops_by_module_op = flops.by_module_and_operator()
+    uncounted = Counter({_uncounted_label(op): n for op, n in flops.unsupported_ops().items()})
+    attention_calls = sum(extra_op_calls[op] for op in ATTENTION_OPS)
+    if attention_calls:
+        uncounted[SDPA_UNCOUNTED] = attention_calls
+    activations = activation_analysis(model, inputs).total()
+
+    modules = dict(model.named_modules())
+    stage_modules = _stage_modules(model)
+    stages = [StageProfile(
+        name=listed_name, params=sum(p.numel() for p in modules[module_name].parameters()),
+        gflops=flops_by_module[module_name] / 1e9, gflops_by_operator=_gflops(flops_by_module_op[module_name]))
+        for listed_name, module_name in stage_modules]
+    total_params = sum(p.numel() for p in model.parameters())
+    result = ModelProfile(
+        model=name,
+        input_size=(in_chans, *img_size),
+        batch_size=batch_size,
+        features_only=isinstance(getattr(model, 'feature_info', None), FeatureInfo),
+        params=total_params,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        gflops=flops.total() / 1e9,
+        activations_m=activations / 1e6,
+        stages=stages,
+        model_kwargs=dict(model_kwargs or {}),
+        other_params=total_params - sum(s.params for s in stages),
+        other_gflops=(flops.total() - sum(flops_by_module[module_name] for _, module_name in stage_modules)) / 1e9,
+        gflops_by_operator=_gflops(flops.by_operator()),
+        uncounted_ops=dict(uncounted.most_common()),
+    )
+    result.reference = _reference(name, result, getattr(model, 'num_classes', None))
+    if result.features_only:
+        result.notes.append('features_only backbone: stem and stages, no final norm or head')
+    if name in PAPER_NUMBERS and result.reference is None:
+        result.notes.append('paper numbers not compared: they are for 224x224 with the 1000-class head')
+    if not stages:
+        result.notes.append('no feature_info on the model: no per-stage numbers')
+    return result
+
+
+def profile_many(
+        names: Sequence[str],
+        img_sizes: Sequence[Union[int, str, Sequence[int]]] = (224,),
+        batch_size: int = 1,
+        features_only: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        show_progress: bool = False,
+) -> List[ModelProfile]:
+    """``profile`` for every model at every input size, with an optional progress bar on stderr."""
+    jobs = [(name, parse_img_size(size)) for name in names for size in img_sizes]
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task('profiling', total=len(jobs))
+        profiles = []
+        for name, img_size in jobs:
+            progress.update(task, description=f'profiling {name} @ {img_size[0]}x{img_size[1]}')
+            profiles.append(profile(name, img_size, batch_size=batch_size, features_only=features_only,
+                                    model_kwargs=model_kwargs))
+            progress.advance(task)
+    return profiles
+
+
+def progress_bar(enabled: bool) -> Any:
+    """A rich progress bar on stderr; silent when disabled or when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    console = Console(stderr=True)
+    return Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not (enabled and console.is_terminal))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables: one neutral form, rendered as rich tables, markdown or csv
+
+
+@dataclass
+class TextTable:
+    """A titled table of already formatted cells, with notes printed under it.
+
+    The first ``label_columns`` columns are labels (left-aligned); the others are numbers (right-aligned).
+    """
+    title: str
+    columns: List[str]
+    rows: List[List[str]]
+    notes: List[str] = field(default_factory=list)
+    label_columns: int = 2
+
+
+def _num(value: Optional[float], digits: int = 2) -> str:
+    return '–' if value is None else f'{value:.{digits}f}'
+
+
+def _with_diff(value: Optional[float], diff_pct: Optional[float], digits: int) -> str:
+    return '–' if value is None else f'{value:.{digits}f} ({diff_pct:+.1f}%)'
+
+
+def _input_label(p: ModelProfile) -> str:
+    return f'{p.input_size[1]}x{p.input_size[2]}' + (' feat' if p.features_only else '')
+
+
+def convention_notes(profiles: Sequence[ModelProfile]) -> List[str]:
+    """How the numbers were counted, in words, for the settings present in ``profiles``."""
+    batch_sizes = sorted({p.batch_size for p in profiles})
+    notes = [
+        'GFLOPs: fvcore, 1 multiply-add = 1 FLOP, for a batch of '
+        f'{"/".join(map(str, batch_sizes))} image(s); attention kernels (scaled_dot_product_attention) count as '
+        'B*heads*Lq*Lk*(d_qk + d_v), i.e. the q@k^T and attn@v matmuls. Not counted: softmax, topk, gather, '
+        'elementwise ops and the inside of custom autograd Functions (listed per model). Activations: fvcore '
+        '(outputs of conv/matmul/linear/attention).',
+        'Input HxW is height first (1280x800 = mmdet get_flops.py --shape 1280 800).',
+    ]
+    if any(p.reference for p in profiles):
+        notes.append('Paper: numbers printed by the papers/READMEs; official fvcore: fvcore on the official code at '
+                     '224x224. Compared only at 224x224 with the 1000-class head; Δ = (ours - theirs) / theirs.')
+        compared = sorted({p.model for p in profiles if p.reference and PAPER_NUMBERS[p.model].note})
+        notes += [f'{name}: {PAPER_NUMBERS[name].note}.' for name in compared]
+    model_kwargs = sorted({', '.join(f'{k}={v!r}' for k, v in p.model_kwargs.items()) for p in profiles} - {''})
+    if model_kwargs:
+        notes.append(f'Models built with extra arguments: {"; ".join(model_kwargs)} (no paper comparison).')
+    if any(p.features_only for p in profiles):
+        notes.append('feat = features_only backbone (stem + 4 stages, no final norm or head), as a detector uses it. '
+                     'The papers\' detection tables count the whole detector (backbone + FPN + heads, mmcv counter, '
+                     'same 1 multiply-add = 1 FLOP); these numbers are the backbone part of those totals.')
+    return notes
+
+
+OPERATOR_LABELS = {'scaled_dot_product_attention': 'sdpa'}
+
+
+def report_tables(profiles: Sequence[ModelProfile]) -> List[TextTable]:
+    """The summary, per-stage and per-operator tables for a list of profiles."""
+    summary = TextTable(
+        title='Parameters and FLOPs',
+        columns=['model', 'input', 'params (M)', 'trainable (M)', 'GFLOPs', 'acts (M)', 'paper params (M) (Δ)',
+                 'paper GFLOPs (Δ)', 'official fvcore GFLOPs (Δ)'],
+        rows=[],
+        notes=convention_notes(profiles),
+    )
+    for p in profiles:
+        ref = p.reference or {}
+        summary.rows.append([
+            p.model, _input_label(p), _num(p.params / 1e6), _num(p.trainable_params / 1e6), _num(p.gflops, 3),
+            _num(p.activations_m), _with_diff(ref.get('paper_params_m'), ref.get('paper_params_diff_pct'), 1),
+            _with_diff(ref.get('paper_gflops'), ref.get('paper_gflops_diff_pct'), 1),
+            _with_diff(ref.get('official_fvcore_gflops'), ref.get('official_fvcore_gflops_diff_pct'), 3)])
+
+    num_stages = max((len(p.stages) for p in profiles), default=0)
+    stage_columns = [f'stage {i} params (M) / GFLOPs' for i in range(num_stages)]
+    per_stage = TextTable(
+        title='Per stage', columns=['model', 'input', *stage_columns, 'other params (M) / GFLOPs'], rows=[],
+        notes=['Stages are the modules in the model\'s feature_info; other = stem, final norm and head.'])
+    for p in profiles:
+        cells = [f'{s.params / 1e6:.2f} / {s.gflops:.3f}' for s in p.stages]
+        cells += ['–'] * (num_stages - len(p.stages))
+        per_stage.rows.append([p.model, _input_label(p), *cells, f'{p.other_params / 1e6:.2f} / {p.other_gflops:.3f}'])
+
+    op_totals: Counter = Counter()
+    for p in profiles:
+        op_totals.update(p.gflops_by_operator)
+    operators = [op for op, _ in op_totals.most_common()]
+    per_operator = TextTable(
+        title='GFLOPs per operator',
+        columns=['model', 'input', *(OPERATOR_LABELS.get(op, op) for op in operators), 'not counted (calls)'], rows=[],
+        notes=['sdpa = scaled_dot_product_attention.'] if 'scaled_dot_product_attention' in operators else [])
+    for p in profiles:
+        uncounted = ', '.join(f'{op} x{n}' for op, n in p.uncounted_ops.items()) or '–'
+        op_cells = [_num(p.gflops_by_operator.get(op), 3) for op in operators]
+        per_operator.rows.append([p.model, _input_label(p), *op_cells, uncounted])
+    return [summary, per_stage, per_operator]
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace('|', '\\|')
+
+
+def tables_to_markdown(tables: Sequence[TextTable]) -> str:
+    """GitHub markdown: a bold title, the table, then the notes as a list."""
+    parts = []
+    for table in tables:
+        lines = [f'**{table.title}**', '', '| ' + ' | '.join(map(_markdown_cell, table.columns)) + ' |',
+                 '|' + '|'.join('---' if i < table.label_columns else '---:' for i in range(len(table.columns))) + '|']
+        lines += ['| ' + ' | '.join(map(_markdown_cell, row)) + ' |' for row in table.rows]
+        if table.notes:
+            lines += [''] + [f'- {note}' for note in table.notes]
+        parts.append('\n'.join(lines))
+    return '\n\n'.join(parts) + '\n'
+
+
+def print_rich_tables(tables: Sequence[TextTable], console: Any = None) -> None:
+    """Print the tables with rich (numbers right-aligned), each followed by its notes."""
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    for table in tables:
+        rich_table = Table(title=table.title, title_justify='left')
+        for i, column in enumerate(table.columns):
+            rich_table.add_column(column, justify='left' if i < table.label_columns else 'right', overflow='fold')
+        for row in table.rows:
+            rich_table.add_row(*row)
+        console.print(rich_table)
+        for note in table.notes:
+            console.print(f'[dim]- {note}[/dim]')
+
+
+def _flat_row(p: ModelProfile) -> Dict[str, Any]:
+    row: Dict[str, Any] = dict(
+        model=p.model, channels=p.input_size[0], height=p.input_size[1], width=p.input_size[2],
+        batch_size=p.batch_size, features_only=p.features_only, params=p.params, trainable_params=p.trainable_params,
+        gflops=p.gflops, activations_m=p.activations_m, other_params=p.other_params, other_gflops=p.other_gflops)
+    for i, stage in enumerate(p.stages):
+        row.update({f'stage{i}_name': stage.name, f'stage{i}_params': stage.params, f'stage{i}_gflops': stage.gflops})
+    row.update({f'gflops_{op}': value for op, value in p.gflops_by_operator.items()})
+    row.update(p.reference or {})
+    row['uncounted_ops'] = ';'.join(f'{op}={n}' for op, n in p.uncounted_ops.items())
+    return row
+
+
+def profiles_to_csv(profiles: Sequence[ModelProfile]) -> str:
+    """One row per profile; columns are the union over profiles (stages and operators flattened)."""
+    rows = [_flat_row(p) for p in profiles]
+    columns: List[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval='', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def profiles_to_json(profiles: Sequence[ModelProfile]) -> str:
+    """A JSON list of ``ModelProfile.to_dict()``; the layout is versioned by ``schema_version``."""
+    return json.dumps([p.to_dict() for p in profiles], indent=2)
+
+
+REPORT_FORMATS = ('table', 'markdown', 'json', 'csv')
+
+
+def render_report(profiles: Sequence[ModelProfile], fmt: str) -> str:
+    """The report as text in one of ``markdown``, ``json`` or ``csv`` (``table`` is printed by rich)."""
+    if fmt == 'markdown':
+        return tables_to_markdown(report_tables(profiles))
+    if fmt == 'json':
+        return profiles_to_json(profiles)
+    if fmt == 'csv':
+        return profiles_to_csv(profiles)
+    raise ValueError(f'format must be one of markdown, json, csv for text output, got {fmt!r}')

@@ -1,0 +1,95 @@
+"""Round-robin benchmark: structure of the results, ratios against the baseline, memory, settings and errors.
+
+No assertion depends on how fast anything runs."""
+import json
+
+import pytest
+import timm
+import torch
+
+from biformer_zoo.bench import BenchReport, benchmark
+from biformer_zoo.cli import main
+
+torch.set_num_threads(2)
+
+MODELS = ['test_resnet', 'test_vit']
+BASELINE = 'test_convnext'
+
+
+def _bench(mode: str = 'infer', rounds: int = 3) -> BenchReport:
+    return benchmark(MODELS, img_size=32, batch_size=2, mode=mode, rounds=rounds, warmup=1, threads=1,
+                     baseline=BASELINE)
+
+
+@pytest.fixture(scope='module')
+def infer_report() -> BenchReport:
+    return _bench('infer')
+
+
+@pytest.fixture(scope='module')
+def train_report() -> BenchReport:
+    return _bench('train')
+
+
+def test_every_model_and_the_baseline_timed_once_per_round(infer_report):
+    assert {r.model: len(r.samples_ms) for r in infer_report.results} == {name: 3 for name in [*MODELS, BASELINE]}
+
+
+def test_baseline_ratios_are_one(infer_report):
+    (baseline,) = [r for r in infer_report.results if r.model == BASELINE]
+    assert (baseline.latency_ratio, baseline.throughput_ratio) == (1.0, 1.0)
+
+
+def test_throughput_is_batch_over_median_latency(infer_report):
+    assert all(r.throughput == pytest.approx(2 / (r.latency_ms_median / 1e3)) for r in infer_report.results)
+
+
+def test_peak_memory_holds_at_least_the_weights(infer_report):
+    assert all(r.peak_memory_mb * 2 ** 20 >= r.params * 4 for r in infer_report.results)
+
+
+def test_training_step_needs_more_memory_than_inference(infer_report, train_report):
+    infer = {r.model: r.peak_memory_mb for r in infer_report.results}
+    assert all(r.peak_memory_mb > infer[r.model] for r in train_report.results)
+
+
+def test_threads_restored_after_run(infer_report):
+    assert torch.get_num_threads() == 2
+
+
+def test_command_reproduces_settings(infer_report):
+    assert infer_report.command == ('biformer-zoo bench test_resnet test_vit --img-size 32x32 --batch-size 2 --mode '
+                                    'infer --rounds 3 --warmup 1 --threads 1 --device cpu --baseline test_convnext')
+
+
+def test_model_args_reach_the_models_but_not_the_baseline():
+    report = benchmark(['test_vit'], img_size=32, rounds=1, warmup=0, threads=1, baseline='test_resnet',
+                       model_kwargs=dict(num_classes=10))
+    with torch.device('meta'):
+        expected = {name: sum(p.numel() for p in timm.create_model(name, **kwargs).parameters())
+                    for name, kwargs in (('test_vit', dict(num_classes=10, img_size=32)), ('test_resnet', {}))}
+    assert {r.model: r.params for r in report.results} == expected
+
+
+BENCH_KEYS = {'results', 'baseline', 'settings', 'machine', 'memory_method', 'command', 'schema_version'}
+RESULT_KEYS = {'model', 'params', 'latency_ms_median', 'latency_ms_p25', 'latency_ms_p75', 'latency_ms_min',
+               'throughput', 'peak_memory_mb', 'latency_ratio', 'throughput_ratio', 'samples_ms'}
+
+
+def test_cli_json_schema_is_stable(capsys):
+    code = main(['bench', 'test_vit', '--img-size', '32', '--rounds', '2', '--warmup', '0', '--threads', '1',
+                 '--baseline', 'none', '--json'])
+    out = json.loads(capsys.readouterr().out)
+    assert (code, set(out), set(out['results'][0]), out['schema_version']) == (0, BENCH_KEYS, RESULT_KEYS, 1)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(mode='eval'), 'mode must be one of'),
+    (dict(amp='fp8'), 'amp must be one of'),
+    (dict(rounds=0), 'rounds must be at least 1'),
+    pytest.param(dict(device='cuda'), 'no CUDA device',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='a CUDA device is present')),
+])
+def test_bad_settings_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark(['test_vit'], **kwargs)

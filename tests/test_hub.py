@@ -1,0 +1,442 @@
+"""Hub weights: the manifest, `convert`, and `pretrained=True` through the real huggingface_hub code with no network.
+
+Loading runs in subprocesses (huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE / HF_ENDPOINT at import): one
+against a fake Hub cache with HF_HUB_OFFLINE=1, one against a loopback HTTP server as HF_ENDPOINT.
+"""
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import pathlib
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from biformer_zoo import cli, hub  # importing the package registers the models
+from biformer_zoo.models import list_zoo_models
+from hub_utils import REPO_ROOT, add_to_hub_cache, run_python, serve_hub
+from official_layouts import save_official_checkpoint, synth_official_state_dict
+
+
+TINY = 'biformer_tiny'
+TINY_REPO = 'biformer-zoo/biformer_tiny.in1k'
+UNPUBLISHED_REPO = 'biformer-zoo/biformer_small.in1k'  # status 'convertible': not on the Hub yet
+# (model, tag, official layout): the official checkpoint layouts besides BiFormer T/S/B (tested on tiny_converted):
+# both STL layouts, CrossFormer's old `crossformer` branch (the released v1 files) and its main branch (++)
+OFFICIAL_LAYOUTS = [
+    ('biformer_stl', 'in1k', 'biformer_stl'),
+    ('biformer_stl', 'in1k_nchw', 'biformer_stl_nchw'),
+    ('crossformer_small', 'in1k', 'crossformer_small_oldbranch'),
+    ('crossformerpp_small', 'in1k', 'crossformerpp_small'),
+]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _missing(message: str, *parts: str) -> list:
+    """The parts a user-facing message should name but does not."""
+    return [p for p in parts if p not in message]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Manifest
+
+def test_manifest_covers_every_registered_pretrained_tag():
+    manifest_tags = {f"{e['architecture']}.{e['tag']}" for e in hub.manifest_entries()}
+    assert manifest_tags == set(list_zoo_models(pretrained=True))
+
+
+@pytest.mark.parametrize('entry', hub.manifest_entries(), ids=lambda e: f"{e['architecture']}.{e['tag']}")
+def test_registered_pretrained_cfg_agrees_with_manifest(entry):
+    expected = hub.manifest_pretrained_cfg(entry['architecture'], entry['tag'])
+    registered = timm.get_pretrained_cfg(f"{entry['architecture']}.{entry['tag']}").to_dict()
+    assert {k: registered.get(k) for k in expected} == expected
+
+
+def test_manifest_entries_are_complete():
+    required = {'architecture', 'tag', 'family', 'hf_hub_id', 'file', 'sha256', 'size', 'source_sha256', 'status',
+                'sources', 'reported', 'license', 'preprocessing', 'dataset', 'num_classes'}
+    problems = []
+    for e in hub.manifest_entries():
+        name = f"{e['architecture']}.{e['tag']}"
+        if required - set(e):
+            problems.append(f'{name}: missing {sorted(required - set(e))}')
+        elif e['status'] not in hub.STATUSES:
+            problems.append(f"{name}: unknown status {e['status']}")
+        elif (e['sha256'] is None) != (e['status'] == 'convertible') or (e['size'] is None) != (e['sha256'] is None):
+            problems.append(f"{name}: sha256/size must be null exactly while the status is 'convertible'")
+        elif not e['sources'] or not all(s.get('url') for s in e['sources']):
+            problems.append(f'{name}: every official source needs a URL')
+        elif e['family'] not in hub.load_manifest()['families']:
+            problems.append(f"{name}: unknown family {e['family']}")
+    assert problems == []
+
+
+def test_packaged_manifest_is_the_repository_manifest():
+    assert hub.MANIFEST_PATH.read_bytes() == (REPO_ROOT / 'weights_manifest.json').read_bytes()
+
+
+def test_list_pretrained_shows_every_tag_with_status(capsys):
+    cli.main(['list', '--pretrained', '--format', 'json'])
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r['model'], r['status']) for r in rows] == [
+        (f"{e['architecture']}.{e['tag']}", e['status']) for e in hub.manifest_entries()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# convert
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A synthetic official BiFormer-T checkpoint saved the way training saves it (args as a Namespace)."""
+    path = tmp_path_factory.mktemp('official') / 'biformer_tiny_in1k.pth'
+    args = argparse.Namespace(model=TINY, lr=5e-4, output_dir=pathlib.PosixPath('outputs/cls'))
+    torch.save({'model': synth_official_state_dict(TINY), 'args': args, 'epoch': 299}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def tiny_converted(tiny_checkpoint, tmp_path_factory):
+    """`biformer-zoo convert` on the BiFormer-T checkpoint: (output folder, what the command printed)."""
+    out = tmp_path_factory.mktemp('converted') / 'biformer_tiny.in1k'
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(['convert', '--model', TINY, '--checkpoint', str(tiny_checkpoint), '--out', str(out)])
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_convert_prints_the_sha256_of_the_written_weights(tiny_converted):
+    out, printed = tiny_converted
+    assert re.search(r'sha256 ([0-9a-f]{64})', printed).group(1) == _sha256(out / hub.WEIGHTS_FILE)
+
+
+def test_convert_writes_timm_config(tiny_converted):
+    config = json.loads((tiny_converted[0] / 'config.json').read_text())
+    assert (config['architecture'], config['pretrained_cfg']['tag'], config['num_classes']) == (TINY, 'in1k', 1000)
+
+
+def test_model_card_has_provenance_license_citation_and_measured_numbers(tiny_converted, tiny_checkpoint):
+    card = (tiny_converted[0] / 'README.md').read_text()
+    with torch.device('meta'):
+        params = sum(p.numel() for p in timm.create_model(TINY).parameters())
+    entry = hub.find_manifest_entry(TINY, 'in1k')
+    assert _missing(card, _sha256(tiny_checkpoint), entry['sources'][0]['url'], 'license: mit',
+                    '@Article{zhu2023biformer', f'{params:,}',
+                    'GFLOPs at 224x224 (fvcore on the converted model, 1 multiply-add = 1 flop): 2.') == []
+
+
+def test_convert_is_reproducible_and_updates_the_manifest(tiny_converted, tiny_checkpoint, tmp_path):
+    manifest = tmp_path / 'weights_manifest.json'
+    manifest.write_bytes(hub.MANIFEST_PATH.read_bytes())
+    hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'again', update_manifest=True, manifest_path=manifest,
+                           measure_flops=False, progress=False)
+    entry = [e for e in json.loads(manifest.read_text())['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    weights = tiny_converted[0] / hub.WEIGHTS_FILE
+    assert {k: entry[k] for k in ('sha256', 'size', 'source_sha256', 'status')} == dict(
+        sha256=_sha256(weights), size=weights.stat().st_size, source_sha256=_sha256(tiny_checkpoint),
+        status='converted')
+
+
+def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
+    """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
+    with torch.device('meta'):
+        model = timm.create_model(f'{name}.{tag}')
+    expected = hub._checkpoint_filter(model)(official, model)  # the family's filter, found the way convert does
+    converted = safetensors.torch.load_file(str(weights_file))
+    def keys(state: dict) -> set:
+        return {k for k in state if not k.endswith('num_batches_tracked')}  # BatchNorm's counter is not a weight
+    return sorted(keys(expected) ^ keys(converted)) + \
+        [k for k, v in expected.items() if k in converted and not torch.equal(converted[k], v)]
+
+
+def test_convert_biformer_layout_holds_the_official_tensors(tiny_converted):
+    official = synth_official_state_dict(TINY)  # what tiny_checkpoint holds
+    assert _differs_from_mapped_official(tiny_converted[0] / hub.WEIGHTS_FILE, official, TINY, 'in1k') == []
+
+
+@pytest.fixture(scope='module')
+def convert_layout(tmp_path_factory):
+    """``convert(name, tag, layout) -> (official state dict, ConversionResult)``, each conversion done once."""
+    done = {}
+
+    def convert(name: str, tag: str, layout: str):
+        if layout not in done:
+            folder = tmp_path_factory.mktemp(layout)
+            official = save_official_checkpoint(layout, folder / f'{layout}.pth')
+            done[layout] = official, hub.convert_checkpoint(
+                name, folder / f'{layout}.pth', folder / f'{name}.{tag}', tag=tag, measure_flops=False,
+                progress=False)
+        return done[layout]
+    return convert
+
+
+@pytest.mark.parametrize('name,tag,layout', OFFICIAL_LAYOUTS)
+def test_convert_official_layout_holds_the_official_tensors(name, tag, layout, convert_layout):
+    official, result = convert_layout(name, tag, layout)
+    assert _differs_from_mapped_official(result.weights_file, official, name, tag) == []
+
+
+def test_converted_folder_rebuilds_the_tags_model(convert_layout):
+    """config.json rebuilds the model of the tag, as `hf-hub:biformer-zoo/<model>.<tag>` names do; in1k_nchw is
+    the tag whose model differs from the architecture's default."""
+    name, tag, layout = OFFICIAL_LAYOUTS[1]
+    result = convert_layout(name, tag, layout)[1]
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    from_tag = timm.create_model(f'{name}.{tag}', pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(result.weights_file))).eval()
+    from_folder = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True).eval()
+    with torch.no_grad():
+        same = torch.equal(from_folder(images), from_tag(images))
+    assert same, f"local-dir:{result.out_dir} builds another model than '{name}.{tag}' (its config.json misses a "\
+                 f"model argument the tag implies)"
+
+
+def _leave_marker(path: str) -> None:
+    Path(path).write_text('code from the checkpoint ran')
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _leave_marker, (str(self.marker),)
+
+
+def test_convert_refuses_a_checkpoint_that_needs_code(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': synth_official_state_dict(TINY), 'hook': _RunsCodeWhenUnpickled(tmp_path / 'ran')}, path)
+    with pytest.raises(ValueError, match=r'needs code to unpickle \(.*_leave_marker.*weights_only=True'):
+        hub.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
+    assert not (tmp_path / 'ran').exists()
+
+
+def test_convert_names_the_model_a_checkpoint_belongs_to(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r'does not fit biformer_small\.in1k: .* It matches biformer_tiny\.in1k'):
+        hub.convert_checkpoint('biformer_small', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
+                               progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pretrained=True through huggingface_hub, offline against a fake Hub cache and online against a loopback endpoint
+
+LOAD_SCENARIOS = r'''
+import json, sys
+import safetensors.torch, timm, torch
+import biformer_zoo
+from biformer_zoo import hub
+
+args = json.loads(sys.argv[1])
+hub.MANIFEST_PATH = args['manifest']
+hub.load_manifest.cache_clear()
+expected = safetensors.torch.load_file(args['weights'])
+images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+results = {}
+
+
+def record(name, fn):
+    try:
+        results[name] = fn()
+    except Exception as e:
+        results[name] = f'{type(e).__name__}: {e}'
+
+
+def create(name='biformer_tiny.in1k', **kwargs):
+    return timm.create_model(name, pretrained=True, **kwargs).eval()
+
+
+def equals_file(model):
+    state = model.state_dict()
+    return sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def features_match():
+    reference = create().forward_intermediates(images, intermediates_only=True)
+    features = create(features_only=True)(images)
+    return len(features) == 4 and all(torch.equal(f, r) for f, r in zip(features, reference))
+
+
+def adapted():
+    state = create(in_chans=1, num_classes=10).state_dict()
+    return dict(
+        stem=torch.equal(state['stem.0.weight'], expected['stem.0.weight'].float().sum(dim=1, keepdim=True)),
+        head=list(state['head.fc.weight'].shape),
+        rest=all(torch.equal(state[k], v) for k, v in expected.items() if not k.startswith(('stem.0.w', 'head.'))))
+
+
+def hub_row(model):
+    return [r['cached'] for r in hub.pretrained_table() if r['model'] == model][0]
+
+
+for name in args['scenarios']:
+    kind, _, repo = name.partition(':')
+    if kind == 'bit_exact':
+        record(name, lambda: equals_file(create()))
+    elif kind == 'hf_hub_prefix':
+        record(name, lambda: equals_file(timm.create_model('hf-hub:biformer-zoo/biformer_tiny.in1k', pretrained=True)))
+    elif kind == 'features_only':
+        record(name, features_match)
+    elif kind == 'adapted':
+        record(name, adapted)
+    elif kind == 'unpublished':
+        record(name, lambda: create('biformer_small.in1k'))
+    elif kind == 'repo':
+        record(name, lambda: create('biformer_tiny', pretrained_cfg_overlay=dict(hf_hub_id=repo)))
+    elif kind == 'file':
+        record(name, lambda: create('biformer_tiny', pretrained_cfg_overlay=dict(file=repo)))
+    elif kind in ('cached', 'cached_before'):
+        record(name, lambda: hub_row(repo))
+    elif kind == 'push':
+        record(name, lambda: hub.push_to_hub(args['folder'], 'test-org/upload'))
+print(json.dumps(results))
+'''
+
+
+def _small_safetensors(architecture: str = TINY) -> bytes:
+    """A small, well-formed safetensors file claiming to hold ``architecture`` weights."""
+    return safetensors.torch.save({'w': torch.arange(256.)}, metadata=dict(format='pt', architecture=architecture,
+                                                                           tag='in1k'))
+
+
+@pytest.fixture(scope='module')
+def hub_setup(tiny_converted, tmp_path_factory):
+    """Files of the fake Hub and a manifest that publishes biformer_tiny.in1k and two broken test repos."""
+    root = tmp_path_factory.mktemp('hub')
+    folder = tiny_converted[0]
+    good = (folder / hub.WEIGHTS_FILE).read_bytes()
+    small = _small_safetensors()
+    broken = {
+        'test-org/bad-sha': small,  # the manifest expects another sha256
+        'test-org/truncated': small[:len(small) // 2],  # the manifest knows the full size
+        'test-org/corrupt': b'\x00\x01\x00\x00\x00\x00\x00\x00' + small[8:],  # header length field destroyed
+        'test-org/wrong-arch': _small_safetensors('crossformer_tiny'),
+    }
+    manifest = json.loads(hub.MANIFEST_PATH.read_text())
+    tiny_entry = [e for e in manifest['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    tiny_entry.update(sha256=hashlib.sha256(good).hexdigest(), size=len(good), status='published')
+    for repo, sha256 in (('test-org/bad-sha', '0' * 64), ('test-org/truncated', hashlib.sha256(small).hexdigest())):
+        manifest['weights'].append(dict(tiny_entry, hf_hub_id=repo, sha256=sha256, size=len(small)))
+    (root / 'manifest.json').write_text(json.dumps(manifest))
+    tiny_files = {hub.WEIGHTS_FILE: good, 'config.json': (folder / 'config.json').read_bytes()}
+    return dict(root=root, folder=folder, tiny_files=tiny_files, broken=broken,
+                args=dict(manifest=str(root / 'manifest.json'), weights=str(folder / hub.WEIGHTS_FILE),
+                          folder=str(folder)))
+
+
+OFFLINE = ['bit_exact', 'hf_hub_prefix', 'features_only', 'adapted', 'unpublished', 'repo:test-org/bad-sha',
+           'repo:test-org/truncated', 'repo:test-org/corrupt', 'repo:test-org/wrong-arch', 'push']
+
+
+@pytest.fixture(scope='module')
+def offline(hub_setup):
+    """Every offline scenario, run in one subprocess with HF_HUB_OFFLINE=1 and a fake Hub cache."""
+    cache = hub_setup['root'] / 'offline' / 'hub'
+    add_to_hub_cache(cache, TINY_REPO, hub_setup['tiny_files'])
+    for repo, data in hub_setup['broken'].items():
+        add_to_hub_cache(cache, repo, {hub.WEIGHTS_FILE: data})
+    corrupt_file = hub_setup['root'] / 'corrupt.safetensors'
+    corrupt_file.write_bytes(hub_setup['broken']['test-org/corrupt'])
+    scenarios = OFFLINE + [f'file:{corrupt_file}']
+    results = run_python(LOAD_SCENARIOS, cache, offline=True,
+                         argv=[json.dumps(dict(hub_setup['args'], scenarios=scenarios))])
+    return dict(results, cache=str(cache), corrupt_file=str(corrupt_file))
+
+
+def test_pretrained_load_equals_converted_weights_bit_for_bit(offline):
+    assert offline['bit_exact'] is True
+
+
+def test_hf_hub_prefixed_name_loads_the_checked_weights(offline):
+    assert offline['hf_hub_prefix'] is True
+
+
+def test_pretrained_features_only_matches_the_classifier_intermediates(offline):
+    assert offline['features_only'] is True
+
+
+def test_pretrained_in_chans_and_num_classes_are_adapted(offline):
+    assert offline['adapted'] == dict(stem=True, head=[10, 512], rest=True)
+
+
+def test_offline_and_not_cached_says_how_to_get_the_weights(offline):
+    message = offline['unpublished']
+    assert _missing(message, 'PretrainedWeightsError', 'biformer_small.in1k', UNPUBLISHED_REPO, 'HF_HUB_OFFLINE',
+                    offline['cache'], 'not published', 'biformer-zoo convert --model biformer_small',
+                    "pretrained_cfg_overlay=dict(file='biformer_small.in1k/model.safetensors')") == []
+
+
+def test_checksum_mismatch_says_which_file_to_delete(offline):
+    message = offline['repo:test-org/bad-sha']
+    assert _missing(message, 'biformer_tiny', 'test-org/bad-sha', 'sha256', '0' * 64, 'Delete',
+                    f"{offline['cache']}/models--test-org--bad-sha/blobs/") == []
+
+
+def test_truncated_download_is_reported(offline):
+    message = offline['repo:test-org/truncated']
+    assert _missing(message, 'biformer_tiny', 'test-org/truncated', 'truncated or incomplete', 'Delete') == []
+
+
+def test_corrupt_file_is_reported(offline):
+    message = offline['repo:test-org/corrupt']
+    assert _missing(message, 'biformer_tiny', 'test-org/corrupt', 'corrupt or truncated', 'header', 'Delete') == []
+
+
+def test_corrupt_local_file_is_reported(offline):
+    message = offline[f"file:{offline['corrupt_file']}"]
+    assert _missing(message, 'biformer_tiny', offline['corrupt_file'], 'corrupt or truncated',
+                    'biformer-zoo convert --model biformer_tiny') == []
+
+
+def test_wrong_architecture_in_file_is_reported(offline):
+    message = offline['repo:test-org/wrong-arch']
+    assert _missing(message, 'biformer_tiny', 'test-org/wrong-arch', "for 'crossformer_tiny'",
+                    "timm.create_model('crossformer_tiny'") == []
+
+
+def test_push_without_token_is_a_clear_error(offline):
+    assert _missing(offline['push'], 'test-org/upload', 'token', 'HF_TOKEN') == []
+
+
+@pytest.fixture(scope='module')
+def online(hub_setup):
+    """Downloads from a loopback HF_ENDPOINT into an empty cache, in one subprocess."""
+    served = hub_setup['root'] / 'served'
+    for name, data in hub_setup['tiny_files'].items():
+        (served / TINY_REPO).mkdir(parents=True, exist_ok=True)
+        (served / TINY_REPO / name).write_bytes(data)
+    (served / 'test-org' / 'no-weights').mkdir(parents=True)
+    (served / 'test-org' / 'no-weights' / 'config.json').write_bytes(hub_setup['tiny_files']['config.json'])
+    scenarios = [f'cached_before:{TINY}.in1k', 'bit_exact', f'cached:{TINY}.in1k', 'unpublished',
+                 'repo:test-org/no-weights']
+    cache = hub_setup['root'] / 'online' / 'hub'
+    with serve_hub(served) as endpoint:
+        return run_python(LOAD_SCENARIOS, cache, offline=False, endpoint=endpoint,
+                          argv=[json.dumps(dict(hub_setup['args'], scenarios=scenarios))])
+
+
+def test_download_from_endpoint_equals_converted_weights(online):
+    assert online['bit_exact'] is True
+
+
+def test_list_pretrained_sees_the_downloaded_file_in_the_cache(online):
+    assert [online[f'cached_before:{TINY}.in1k'], online[f'cached:{TINY}.in1k']] == [False, True]
+
+
+def test_repo_missing_says_not_published_and_how_to_convert(online):
+    message = online['unpublished']
+    assert _missing(message, 'biformer_small.in1k', UNPUBLISHED_REPO, 'does not exist', 'not published',
+                    'biformer_small_in1k.pth', 'biformer-zoo convert --model biformer_small') == []
+
+
+def test_file_missing_in_repo_is_reported(online):
+    message = online['repo:test-org/no-weights']
+    assert _missing(message, 'biformer_tiny', 'test-org/no-weights', 'has no file model.safetensors',
+                    'pretrained_cfg_overlay=dict(file=...)') == []
