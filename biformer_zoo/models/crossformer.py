@@ -17,17 +17,17 @@ Same architectures and parameters as the official models; official checkpoints o
   per block call (cached in eval mode);
 * the timm model contract (``features_only``, ``forward_intermediates``, ``reset_classifier``, ...).
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from ..hub import prepare_pretrained
-from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention, check_image_input
+from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
+from ._pyramid import PyramidModel
 
 __all__ = ['CrossFormer']
 
@@ -118,7 +118,7 @@ class CrossFormerStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class CrossFormer(nn.Module):
+class CrossFormer(PyramidModel):
     """CrossFormer / CrossFormer++ backbone and classifier.
 
     Args:
@@ -178,6 +178,7 @@ class CrossFormer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
+        self.min_input_size = _MIN_INPUT_SIZE
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
@@ -210,119 +211,6 @@ class CrossFormer(nn.Module):
         self.norm = LayerNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward returning the outputs of the stages selected by ``indices`` (and the final features).
-
-        Args:
-            x: Input images (B, C, H, W).
-            indices: Take the last n stages if int, all if None, else the stages listed.
-            norm: Apply the final norm to the last stage's output when it is taken.
-            stop_early: Stop after the last stage needed.
-            output_fmt: Only 'NCHW'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        if not torch.jit.is_scripting():  # the check formats its message with Python-only code
-            check_image_input(x, self.in_chans, _MIN_INPUT_SIZE)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-
-        x = self.stem(x)
-        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
-
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and norm/head) that the given intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # the check formats its message with Python-only code
-            check_image_input(x, self.in_chans, _MIN_INPUT_SIZE)
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        return self.forward_head(x)
 
 
 # derived buffers that the old ``crossformer`` branch saved with the weights (recomputed here)
