@@ -58,9 +58,10 @@ def _gather_qkv(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries of each region and keys/values of its routed regions, each (B * regions, heads, tokens, d)."""
     num_query_regions, qk_dim = q_index.shape[0], qk.shape[1] // 2
-    q = qk[:, :qk_dim].index_select(0, q_index.flatten()).view(num_query_regions, -1, heads, qk_dim // heads)
-    k = qk[:, qk_dim:].index_select(0, kv_index.flatten()).view(num_query_regions, -1, heads, qk_dim // heads)
-    v = v.index_select(0, kv_index.flatten()).view(num_query_regions, -1, heads, v.shape[1] // heads)
+    q_tokens, kv_tokens = q_index.shape[1], kv_index.shape[1]  # explicit sizes: -1 is ambiguous for an empty batch
+    q = qk[:, :qk_dim].index_select(0, q_index.flatten()).view(num_query_regions, q_tokens, heads, qk_dim // heads)
+    k = qk[:, qk_dim:].index_select(0, kv_index.flatten()).view(num_query_regions, kv_tokens, heads, qk_dim // heads)
+    v = v.index_select(0, kv_index.flatten()).view(num_query_regions, kv_tokens, heads, v.shape[1] // heads)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
@@ -209,7 +210,7 @@ class BiLevelRoutingAttention(nn.Module):
         kv_index = (tokens[routed].flatten(2) + batch_offset).flatten(0, 1)  # (B * regions, topk * tokens)
 
         # fine level: token attention within the routed regions
-        qk_rows, v_rows = qk.reshape(B * Hp * Wp, -1), v.reshape(B * Hp * Wp, -1)
+        qk_rows, v_rows = qk.reshape(B * Hp * Wp, 2 * qk_dim), v.reshape(B * Hp * Wp, self.dim)
         if torch.jit.is_scripting() or not (torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)):
             out = routed_attention(qk_rows, v_rows, q_index, kv_index, self.num_heads, self.scale)
         else:

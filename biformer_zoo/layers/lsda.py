@@ -240,9 +240,10 @@ class LSDAttention(nn.Module):
         return bias
 
     def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
-        """The bias for one call: cached in eval mode without autograd, computed otherwise."""
+        """The bias for one call: cached in eval mode without autograd, computed otherwise (and under torch.compile,
+        whose graph computes it once per call without a graph break)."""
         if not torch.jit.is_scripting():
-            if not self.training and not torch.is_grad_enabled():
+            if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 return self._cached_position_bias(group_h, group_w)
         return self.compute_position_bias(group_h, group_w)
 
