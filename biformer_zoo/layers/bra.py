@@ -8,9 +8,10 @@ attends to all tokens of those routed regions (fine level). A depthwise conv on 
 before the output projection.
 
 The official code builds the routed keys/values with ``expand`` + ``gather``; its backward scatters into a
-tensor ``num_regions**2`` times the key/value size. Here the routed regions are picked with one
-``index_select`` over the flattened (batch, region) axis, whose backward is an ``index_add`` of the routed
-size, and attention runs through ``F.scaled_dot_product_attention``.
+tensor ``num_regions**2`` times the key/value size. Here ``index_select`` picks the rows of the routed tokens,
+attention runs through ``F.scaled_dot_product_attention``, and in training a custom autograd Function keeps only
+the projected tokens for backward (it gathers again and scatters the gradients with an accumulating
+``index_put_``) instead of ``topk`` copies of the routed keys/values.
 
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
