@@ -99,47 +99,6 @@ def test_feature_info_reductions_and_channels(eval_models, name):
         (info['num_chs'], info['reduction']) for info in model.feature_info]
 
 
-def test_forward_intermediates_end_equals_forward_features():
-    model = _tiny()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x, norm=True)
-        ref = model.forward_features(x)
-    assert torch.equal(final, ref) and len(inter) == 4 and torch.equal(inter[-1], ref)
-
-
-def test_forward_intermediates_stop_early_and_indices():
-    model = _tiny()
-    with torch.no_grad():
-        inter = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 1], stop_early=True,
-                                            intermediates_only=True)
-    assert [t.shape[1] for t in inter] == [64, 128]
-
-
-def test_prune_intermediate_layers():
-    model = _tiny()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model.forward_intermediates(x, indices=2, intermediates_only=True)
-        kept = model.prune_intermediate_layers(indices=2)
-        got = model.forward_intermediates(x, indices=2, intermediates_only=True)
-    assert kept == [2, 3] and all(torch.equal(a, b) for a, b in zip(got, expected))
-
-
-def test_reset_classifier_and_num_classes_zero():
-    model = _tiny()
-    model.reset_classifier(5, 'avg')
-    out5 = model(torch.randn(1, 3, 64, 64))
-    model.reset_classifier(0)
-    out0 = model(torch.randn(1, 3, 64, 64))
-    headless = timm.create_model('biformer_tiny', num_classes=0).eval()
-    assert (out5.shape, out0.shape, headless(torch.randn(1, 3, 64, 64)).shape) == ((1, 5), (1, 512), (1, 512))
-
-
-def test_get_classifier():
-    assert timm.create_model('biformer_tiny', num_classes=3).get_classifier().out_features == 3
-
-
 def test_global_pool_none_keeps_map():
     model = timm.create_model('biformer_tiny', num_classes=0, global_pool='').eval()
     with torch.no_grad():
@@ -153,54 +112,6 @@ def test_in_chans_adapts_first_conv_on_pretrained_load(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(path)))
     expected = official['downsample_layers.0.0.weight'].sum(dim=1, keepdim=True)
     torch.testing.assert_close(model.stem[0].weight, expected)
-
-
-def test_in_chans_forward():
-    model = timm.create_model('biformer_tiny', in_chans=4).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 4, 64, 64)).shape == (1, 1000)
-
-
-def test_grad_checkpointing_same_gradients():
-    torch.manual_seed(0)
-    model = timm.create_model('biformer_tiny', num_classes=4)
-    x = torch.randn(2, 3, 64, 64)
-    model.train()
-    model(x).sum().backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-def test_group_matcher_covers_all_params():
-    from timm.models import group_parameters
-    model = timm.create_model('biformer_tiny')
-    groups = group_parameters(model, model.group_matcher(coarse=False))
-    assert sum(len(g) for g in groups.values()) == len(list(model.named_parameters()))
-
-
-def test_no_weight_decay_is_a_set():
-    assert isinstance(_tiny().no_weight_decay(), set)
-
-
-def test_torchscript_matches_eager():
-    model = _tiny()
-    scripted = torch.jit.script(model)
-    x = torch.randn(1, 3, 64, 80)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
-
-
-def test_fx_trace_matches_eager():
-    from timm.models import create_feature_extractor
-    model = _tiny()
-    extractor = create_feature_extractor(model, return_nodes={'stages.3': 'out'})
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(extractor(x)['out'], model.forward_intermediates(x, intermediates_only=True)[-1])
 
 
 @pytest.mark.parametrize('size,expected', [
@@ -247,12 +158,6 @@ def test_bad_input_raises_value_error(shape, match):
 def test_integer_input_raises_value_error():
     with pytest.raises(ValueError, match='floating point'):
         _tiny()(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
-
-
-def test_features_only_bad_input_raises_value_error():
-    model = timm.create_model('biformer_tiny', features_only=True)
-    with pytest.raises(ValueError, match='at least 32'):
-        model(torch.randn(1, 3, 16, 64))
 
 
 def test_reference_numbers_agree_with_shared_reference():

@@ -366,92 +366,6 @@ def test_features_only_matches_feature_info(name):
     assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [4, 8, 16, 32]
 
 
-def test_forward_intermediates_end_equals_forward_features(tiny):
-    model = tiny
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x, norm=True)
-        ref = model.forward_features(x)
-    assert torch.equal(final, ref) and len(inter) == 4 and torch.equal(inter[-1], ref)
-
-
-def test_forward_intermediates_stop_early_and_indices(tiny):
-    with torch.no_grad():
-        inter = tiny.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 1], stop_early=True,
-                                               intermediates_only=True)
-    assert [t.shape[1] for t in inter] == [32, 64]
-
-
-def test_prune_intermediate_layers():
-    model = _shallow()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        expected = model.forward_intermediates(x, indices=2, intermediates_only=True)
-        kept = model.prune_intermediate_layers(indices=2)
-        got = model.forward_intermediates(x, indices=2, intermediates_only=True)
-    assert kept == [2, 3] and all(torch.equal(a, b) for a, b in zip(got, expected))
-
-
-def test_reset_classifier_and_num_classes_zero():
-    model = _shallow()
-    model.reset_classifier(5, 'avg')
-    out5 = model(torch.randn(1, 3, 64, 64))
-    model.reset_classifier(0)
-    out0 = model(torch.randn(1, 3, 64, 64))
-    headless = _shallow(num_classes=0)
-    assert (out5.shape, out0.shape, headless(torch.randn(1, 3, 64, 64)).shape) == ((1, 5), (1, 256), (1, 256))
-
-
-def test_get_classifier():
-    assert _shallow(num_classes=3).get_classifier().out_features == 3
-
-
-def test_in_chans_forward():
-    with torch.no_grad():
-        assert _shallow(in_chans=4)(torch.randn(1, 4, 64, 64)).shape == (1, 1000)
-
-
-def test_grad_checkpointing_same_gradients():
-    torch.manual_seed(0)
-    model = _shallow('crossformerpp_small', num_classes=4).train()
-    x = torch.randn(1, 3, 64, 48)
-    model(x).sum().backward()
-    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).sum().backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-def test_group_matcher_covers_all_params(pp_small):
-    from timm.models import group_parameters
-    model = pp_small
-    groups = group_parameters(model, model.group_matcher(coarse=False))
-    assert sum(len(g) for g in groups.values()) == len(list(model.named_parameters()))
-
-
-def test_no_weight_decay_is_a_set(tiny):
-    assert isinstance(tiny.no_weight_decay(), set)
-
-
-def test_torchscript_matches_eager():
-    model = _shallow('crossformerpp_small')
-    scripted = torch.jit.script(model)
-    x = torch.randn(1, 3, 64, 80)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
-
-
-def test_fx_trace_matches_eager():
-    from timm.models import create_feature_extractor
-    model = _shallow()
-    extractor = create_feature_extractor(model, return_nodes={'stages.3': 'out'})
-    x = torch.randn(1, 3, 64, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(extractor(x)['out'], model.forward_intermediates(x, intermediates_only=True)[-1])
-
-
 @pytest.mark.parametrize('shape,match', [
     ((1, 1, 64, 64), 'expected 3 input channels, got 1'),
     ((1, 3, 31, 64), 'at least 32'),
@@ -460,11 +374,6 @@ def test_fx_trace_matches_eager():
 def test_bad_input_raises_value_error(tiny, shape, match):
     with pytest.raises(ValueError, match=match):
         tiny(torch.randn(*shape))
-
-
-def test_features_only_bad_input_raises_value_error():
-    with pytest.raises(ValueError, match='at least 32'):
-        _shallow(features_only=True)(torch.randn(1, 3, 16, 64))
 
 
 @pytest.mark.parametrize('kwargs,match', [

@@ -1,0 +1,124 @@
+"""The timm model contract (``models/_pyramid.py``), checked once for each family with its own small model."""
+from typing import Any
+
+import pytest
+import timm
+import torch
+
+import biformer_zoo  # noqa: F401
+
+# per family: the model the checks run on, a second configuration for the heavier checks, and expected values
+FAMILIES = {
+    'biformer': dict(
+        model=('biformer_tiny', {}), heavy=('biformer_tiny', {}),
+        early_channels=[64, 128], num_features=512,
+        grad_input=(2, 3, 64, 64), script_input=(1, 3, 64, 80), fx_input=(1, 3, 64, 64)),
+    'crossformer': dict(  # narrower and shallower, with SDA, LDA and a cooling layer still in it
+        model=('crossformer_tiny', dict(embed_dim=32, depths=(1, 1, 4, 2), num_heads=(2, 4, 8, 16))),
+        heavy=('crossformerpp_small', dict(embed_dim=32, depths=(1, 1, 4, 2), num_heads=(2, 4, 8, 16))),
+        early_channels=[32, 64], num_features=256,
+        grad_input=(1, 3, 64, 48), script_input=(1, 3, 64, 80), fx_input=(1, 3, 64, 96)),
+}
+
+
+def build(family: str, which: str = 'model', **kwargs: Any) -> torch.nn.Module:
+    name, model_kwargs = FAMILIES[family][which]
+    return timm.create_model(name, **dict(model_kwargs, **kwargs)).eval()
+
+
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+def test_forward_intermediates_end_equals_forward_features(family):
+    model = build(family)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, norm=True)
+        ref = model.forward_features(x)
+    assert torch.equal(final, ref) and len(inter) == 4 and torch.equal(inter[-1], ref)
+
+
+def test_forward_intermediates_stop_early_and_indices(family):
+    with torch.no_grad():
+        inter = build(family).forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, 1], stop_early=True,
+                                                    intermediates_only=True)
+    assert [t.shape[1] for t in inter] == FAMILIES[family]['early_channels']
+
+
+def test_prune_intermediate_layers(family):
+    model = build(family)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        kept = model.prune_intermediate_layers(indices=2)
+        got = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert kept == [2, 3] and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_reset_classifier_and_num_classes_zero(family):
+    model = build(family)
+    model.reset_classifier(5, 'avg')
+    out5 = model(torch.randn(1, 3, 64, 64))
+    model.reset_classifier(0)
+    out0 = model(torch.randn(1, 3, 64, 64))
+    headless = build(family, num_classes=0)
+    features = FAMILIES[family]['num_features']
+    assert (out5.shape, out0.shape, headless(torch.randn(1, 3, 64, 64)).shape) == ((1, 5), (1, features),
+                                                                                    (1, features))
+
+
+def test_get_classifier(family):
+    assert build(family, num_classes=3).get_classifier().out_features == 3
+
+
+def test_in_chans_forward(family):
+    with torch.no_grad():
+        assert build(family, in_chans=4)(torch.randn(1, 4, 64, 64)).shape == (1, 1000)
+
+
+def test_grad_checkpointing_same_gradients(family):
+    torch.manual_seed(0)
+    model = build(family, 'heavy', num_classes=4).train()
+    x = torch.randn(*FAMILIES[family]['grad_input'])
+    model(x).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_group_matcher_covers_all_params(family):
+    from timm.models import group_parameters
+    model = build(family, 'heavy')
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    assert sum(len(g) for g in groups.values()) == len(list(model.named_parameters()))
+
+
+def test_no_weight_decay_is_a_set(family):
+    assert isinstance(build(family).no_weight_decay(), set)
+
+
+def test_torchscript_matches_eager(family):
+    model = build(family, 'heavy')
+    scripted = torch.jit.script(model)
+    x = torch.randn(*FAMILIES[family]['script_input'])
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_fx_trace_matches_eager(family):
+    from timm.models import create_feature_extractor
+    model = build(family)
+    extractor = create_feature_extractor(model, return_nodes={'stages.3': 'out'})
+    x = torch.randn(*FAMILIES[family]['fx_input'])
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['out'], model.forward_intermediates(x, intermediates_only=True)[-1])
+
+
+def test_features_only_bad_input_raises_value_error(family):
+    with pytest.raises(ValueError, match='at least 32'):
+        build(family, features_only=True)(torch.randn(1, 3, 16, 64))
