@@ -30,6 +30,7 @@ with warnings.catch_warnings():  # fvcore scripts a loss function at import, whi
 from timm.models import FeatureInfo
 from torch import nn
 
+from .layers.bra import count_routed
 from .models import list_zoo_models
 
 __all__ = [
@@ -166,10 +167,11 @@ def _counting(handle: Callable, op: str, calls: Counter) -> Callable:
     return counted_handle
 
 
-def _traced_without_grad(analysis: Any) -> Any:
+def _traced_without_grad(model: nn.Module, analysis: Any) -> Any:
     """Run the (lazy, cached) fvcore trace now, under ``no_grad``: models that wrap a kernel in an autograd Function
-    only for training then trace their plain, countable path."""
-    with torch.no_grad():
+    only for training then trace their plain, countable path. BiFormer's routed attention is traced on its gather
+    path (``count_routed``), not the masked dense shortcut that multiplies scores the routing discards."""
+    with torch.no_grad(), count_routed(model):
         analysis.total()
     return analysis
 
@@ -186,13 +188,13 @@ def flop_analysis(model: nn.Module, inputs: torch.Tensor, calls: Optional[Counte
         op: _counting(handle, op, calls) for op, handle in EXTRA_FLOP_HANDLES.items()}
     analysis = _quiet(FlopCountAnalysis(model, inputs).set_op_handle(**handles))
     analysis._ignored_ops = set(DATA_MOVEMENT_OPS)  # fvcore has no public way to un-ignore an op
-    return _traced_without_grad(analysis)
+    return _traced_without_grad(model, analysis)
 
 
 def activation_analysis(model: nn.Module, inputs: torch.Tensor) -> ActivationCountAnalysis:
     """fvcore ``ActivationCountAnalysis`` with attention/baddbmm handles, traced under ``no_grad``."""
-    return _traced_without_grad(
-        _quiet(ActivationCountAnalysis(model, inputs).set_op_handle(**EXTRA_ACTIVATION_HANDLES)))
+    analysis = ActivationCountAnalysis(model, inputs).set_op_handle(**EXTRA_ACTIVATION_HANDLES)
+    return _traced_without_grad(model, _quiet(analysis))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,13 +401,13 @@ def profile(
 
     extra_op_calls: Counter = Counter()
     flops = flop_analysis(model, inputs, calls=extra_op_calls)
+    activations = activation_analysis(model, inputs).total()
     flops_by_module = flops.by_module()
     flops_by_module_op = flops.by_module_and_operator()
     uncounted = Counter({_uncounted_label(op): n for op, n in flops.unsupported_ops().items()})
     attention_calls = sum(extra_op_calls[op] for op in ATTENTION_OPS)
     if attention_calls:
         uncounted[SDPA_UNCOUNTED] = attention_calls
-    activations = activation_analysis(model, inputs).total()
 
     modules = dict(model.named_modules())
     stage_modules = _stage_modules(model)

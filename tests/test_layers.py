@@ -4,7 +4,16 @@ import torch
 import torch.nn.functional as F
 
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention
+from biformer_zoo.layers.bra import count_routed
 
+# the two executions of BRA: gathered routed tokens, or dense attention masked to the routed regions
+PATHS = {'gather': 0.0, 'dense': float('inf')}
+
+
+def bra_on_path(path: str, *args, **kwargs) -> BiLevelRoutingAttention:
+    layer = BiLevelRoutingAttention(*args, **kwargs)
+    layer.dense_max_ratio, layer.dense_max_tokens = PATHS[path], 1 << 30
+    return layer
 
 
 def reference_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
@@ -40,11 +49,12 @@ def reference_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tens
     return layer.proj(out)[:, :H, :W]
 
 
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('size', [(14, 14), (9, 13), (3, 5)])
 @pytest.mark.parametrize('topk', [1, 4])
-def test_bra_equals_reference(size, topk):
+def test_bra_equals_reference(size, topk, path):
     torch.manual_seed(0)
-    layer = BiLevelRoutingAttention(32, num_heads=4, num_regions=3, topk=topk, channels_last=True).double().eval()
+    layer = bra_on_path(path, 32, num_heads=4, num_regions=3, topk=topk, channels_last=True).double().eval()
     x = torch.randn(2, *size, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference_bra(layer, x))
@@ -60,13 +70,33 @@ def test_bra_nchw_equals_channels_last():
         torch.testing.assert_close(nchw(x), nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
-def test_bra_gradients_equal_reference():
+@pytest.mark.parametrize('path', PATHS)
+def test_bra_gradients_equal_reference(path):
     torch.manual_seed(0)
-    layer = BiLevelRoutingAttention(16, num_heads=2, num_regions=2, topk=2, channels_last=True).double()
+    layer = bra_on_path(path, 16, num_heads=2, num_regions=2, topk=2, channels_last=True).double()
     x = torch.randn(1, 6, 5, 16, dtype=torch.float64, requires_grad=True)
     (g_fast,) = torch.autograd.grad(layer(x).square().sum(), x)
     (g_ref,) = torch.autograd.grad(reference_bra(layer, x).square().sum(), x)
     torch.testing.assert_close(g_fast, g_ref)
+
+
+def test_bra_picks_dense_only_where_routing_keeps_many_regions(monkeypatch):
+    """Default choice: masked dense when it scores at most 4x the routed pairs on a small map; count_routed
+    forces the gather path (what FLOP counts describe) and restores the layer's settings."""
+    calls = []
+    monkeypatch.setattr(BiLevelRoutingAttention, '_masked_dense_attention',
+                        lambda self, *a: calls.append('dense') or torch.zeros(*a[1].shape[:3], self.dim))
+    monkeypatch.setattr(BiLevelRoutingAttention, '_gathered_attention',
+                        lambda self, *a: calls.append('gather') or torch.zeros(*a[1].shape[:3], self.dim))
+    for topk, size, expected in [(16, 14, 'dense'), (4, 28, 'gather'), (16, 35, 'gather'), (1, 7, 'gather')]:
+        layer = BiLevelRoutingAttention(16, num_heads=2, num_regions=7, topk=topk).eval()
+        with torch.no_grad():
+            layer(torch.randn(1, 16, size, size))
+            assert calls.pop() == expected, (topk, size)
+            with count_routed(layer):
+                layer(torch.randn(1, 16, size, size))
+            assert calls.pop() == 'gather'
+        assert layer.dense_max_ratio == 4.0
 
 
 @pytest.mark.parametrize('lepe_on_value', [False, True])

@@ -13,17 +13,24 @@ attention runs through ``F.scaled_dot_product_attention``, and in training a cus
 the projected tokens for backward (it gathers again and scatters the gradients with an accumulating
 ``index_put_``) instead of ``topk`` copies of the routed keys/values.
 
+Where the routing keeps a large share of the regions (BiFormer's third stage routes 16 of 49), gathering costs
+more than it saves: there every token attends to the whole map through one ``scaled_dot_product_attention`` call
+with a boolean mask that allows exactly the routed regions. The result is the same attention (masked scores get
+zero weight); only the wasted multiplications differ, so FLOP counts use the routed path (``count_routed``).
+
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
 """
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-__all__ = ['BiLevelRoutingAttention', 'AttentionLePE', 'route_regions', 'routed_attention']
+__all__ = [
+    'BiLevelRoutingAttention', 'AttentionLePE', 'route_regions', 'routed_attention', 'routing_mask', 'count_routed']
 
 
 def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> torch.Tensor:
@@ -48,6 +55,24 @@ def region_token_index(num_regions: int, height: int, width: int, device: torch.
     rows = torch.arange(height, device=device).view(num_regions, rh, 1, 1)
     cols = torch.arange(width, device=device).view(1, 1, num_regions, rw)
     return (rows * width + cols).permute(0, 2, 1, 3).reshape(num_regions * num_regions, rh * rw)
+
+
+def routing_mask(routed: torch.Tensor, num_regions: int, height: int, width: int) -> torch.Tensor:
+    """Boolean attention mask over the tokens of a (height, width) map, True where the key's region is routed.
+
+    Args:
+        routed: (B, regions, topk) region indices from ``route_regions``.
+
+    Returns:
+        (B, 1, height * width, height * width), tokens in row-major order.
+    """
+    regions = num_regions * num_regions
+    rows = torch.arange(height, device=routed.device) // (height // num_regions)
+    cols = torch.arange(width, device=routed.device) // (width // num_regions)
+    token_region = (rows.view(-1, 1) * num_regions + cols.view(1, -1)).flatten()  # (H * W,)
+    allowed = torch.zeros(routed.shape[0], regions, regions, dtype=torch.bool, device=routed.device)
+    allowed.scatter_(2, routed, torch.ones_like(routed, dtype=torch.bool))  # a Tensor source traces with jit
+    return allowed.index_select(1, token_region).index_select(2, token_region).unsqueeze(1)
 
 
 def _gather_qkv(
@@ -141,6 +166,10 @@ class BiLevelRoutingAttention(nn.Module):
         qk_scale: Attention temperature; default ``qk_dim ** -0.5`` (over all heads, as in the official code).
         side_dwconv: Kernel of the LePE depthwise conv on the values; 0 disables it.
         channels_last: Take and return (B, H, W, C) tensors instead of (B, C, H, W).
+
+    Attributes ``dense_max_ratio`` and ``dense_max_tokens`` choose the execution, not the result: the masked dense
+    path runs when it computes at most ``dense_max_ratio`` times the routed attention scores
+    (``num_regions**2 <= dense_max_ratio * topk``) and the padded map has at most ``dense_max_tokens`` tokens.
     """
 
     def __init__(
@@ -171,6 +200,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.topk = topk
         self.scale = qk_scale or qk_dim ** -0.5
         self.channels_last = channels_last
+        self.dense_max_ratio = 4.0
+        self.dense_max_tokens = 1024
 
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
@@ -204,9 +235,37 @@ class BiLevelRoutingAttention(nn.Module):
         qk_regions = F.avg_pool2d(qk.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
         routed = route_regions(qk_regions[..., :qk_dim] * self.scale, qk_regions[..., qk_dim:], self.topk)
 
+        if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
+            out = self._masked_dense_attention(qk, v, routing_mask(routed, n, Hp, Wp))
+        else:
+            out = self._gathered_attention(qk, v, routed)
+        if self.lepe is not None:
+            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.proj(out)
+        if pad_b > 0 or pad_r > 0:
+            out = out[:, :H, :W].contiguous()
+        if not self.channels_last:
+            out = out.permute(0, 3, 1, 2)
+        return out
+
+    def _masked_dense_attention(self, qk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every token over the whole map, masked to its routed regions; (B, Hp, Wp, *) -> (B, Hp, Wp, dim)."""
+        B, Hp, Wp, _ = v.shape
+        heads, qk_dim = self.num_heads, self.qk_dim
+        q = qk[..., :qk_dim].reshape(B, Hp * Wp, heads, qk_dim // heads).transpose(1, 2)
+        k = qk[..., qk_dim:].reshape(B, Hp * Wp, heads, qk_dim // heads).transpose(1, 2)
+        v = v.reshape(B, Hp * Wp, heads, self.dim // heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, heads, Hp * Wp, d)
+        return out.transpose(1, 2).reshape(B, Hp, Wp, self.dim)
+
+    def _gathered_attention(self, qk: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Every region's queries over the gathered tokens of its routed regions; (B, Hp, Wp, *) -> (B, Hp, Wp, dim)."""
+        B, Hp, Wp, _ = v.shape
+        n, qk_dim = self.num_regions, self.qk_dim
+        rh, rw = Hp // n, Wp // n
         # token rows of each region's queries and of its routed regions' keys/values
-        tokens = region_token_index(n, Hp, Wp, x.device)  # (regions, tokens)
-        batch_offset = torch.arange(B, device=x.device).view(B, 1, 1) * (Hp * Wp)
+        tokens = region_token_index(n, Hp, Wp, v.device)  # (regions, tokens)
+        batch_offset = torch.arange(B, device=v.device).view(B, 1, 1) * (Hp * Wp)
         q_index = (tokens.unsqueeze(0) + batch_offset).flatten(0, 1)  # (B * regions, tokens)
         kv_index = (tokens[routed].flatten(2) + batch_offset).flatten(0, 1)  # (B * regions, topk * tokens)
 
@@ -217,16 +276,25 @@ class BiLevelRoutingAttention(nn.Module):
         else:
             out = self._routed_attention_autograd(qk_rows, v_rows, q_index, kv_index)
         # (B * regions, heads, tokens, d) -> (B, Hp, Wp, dim)
-        out = out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3).reshape(B, Hp, Wp, self.dim)
+        return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3).reshape(B, Hp, Wp, self.dim)
 
-        if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.proj(out)
-        if pad_b > 0 or pad_r > 0:
-            out = out[:, :H, :W].contiguous()
-        if not self.channels_last:
-            out = out.permute(0, 3, 1, 2)
-        return out
+
+@contextmanager
+def count_routed(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every ``BiLevelRoutingAttention`` of ``model`` on the gather path inside the block.
+
+    FLOP counters count what runs; the masked dense path multiplies scores that the routing then discards, so
+    counts meant to describe BiFormer (the paper's and the official fvcore numbers) are taken under this.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
+    saved = [m.dense_max_ratio for m in layers]
+    for m in layers:
+        m.dense_max_ratio = 0.0
+    try:
+        yield model
+    finally:
+        for m, value in zip(layers, saved):
+            m.dense_max_ratio = value
 
 
 @register_notrace_module
