@@ -4,8 +4,8 @@ Importing the package registers every model with timm, so ``timm.create_model('b
 works after ``import biformer_zoo``.
 """
 from . import models  # noqa: F401  (registers the model entrypoints with timm)
-from .models import list_zoo_models
+from .models import UnknownModelError, create_model, list_zoo_models
 
 __version__ = '0.1.0'
 
-__all__ = ['list_zoo_models', '__version__']
+__all__ = ['create_model', 'list_zoo_models', 'UnknownModelError', '__version__']

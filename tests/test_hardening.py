@@ -90,14 +90,29 @@ def test_nan_in_one_image_stays_in_that_image(reduced_models, name):
 
 
 @pytest.mark.parametrize('spec,message', [
-    ('biformer_smol', r'Unknown model \(biformer_smol\)'),
-    ('biformer_small.in22k', r'Invalid pretrained tag \(in22k\) for biformer_small'),
-    ('crossformer_tiny.in22k', r'Invalid pretrained tag \(in22k\) for crossformer_tiny'),
+    ('biformer_smol', r"unknown model 'biformer_smol' \(did you mean biformer_small, .*\)\. `biformer-zoo list`"),
+    ('crossformer_tiy', r"unknown model 'crossformer_tiy' \(did you mean crossformer_tiny"),
+    ('biformer_small.in22k', r"unknown pretrained tag 'in22k' for biformer_small; its tags are in1k\. Use one"),
+    ('biformer_stl.nchw', r"tag 'nchw' for biformer_stl; its tags are in1k, in1k_nchw\."),
+    ('crossformer_tiny.in22k', r"unknown pretrained tag 'in22k' for crossformer_tiny; its tags are in1k"),
 ])
-def test_unknown_model_or_tag_is_named(spec, message):
-    """timm's own errors (RuntimeError); `biformer-zoo list` shows the registered names and tags."""
-    with pytest.raises(RuntimeError, match=message):
+def test_unknown_model_or_tag_is_a_value_error_with_the_fix(spec, message):
+    """``biformer_zoo.create_model`` checks names and tags; it is also a RuntimeError, as timm's own errors are."""
+    with pytest.raises(ValueError, match=message) as error:
+        biformer_zoo.create_model(spec)
+    assert isinstance(error.value, RuntimeError)
+
+
+@pytest.mark.parametrize('spec', ['biformer_small.in22k', 'crossformer_tiny.in22k'])
+def test_timm_create_model_names_the_zoo_tags(spec):
+    """Zoo entrypoints check the tag themselves, so plain ``timm.create_model`` gives the same error."""
+    with pytest.raises(ValueError, match=r'its tags are in1k\. Use one of them'):
         timm.create_model(spec)
+
+
+def test_create_model_passes_known_names_to_timm():
+    model = biformer_zoo.create_model('biformer_tiny.in1k', num_classes=3, depths=(1, 1, 1, 1))
+    assert (model.pretrained_cfg['tag'], model.num_classes) == ('in1k', 3)
 
 
 BIFORMER_BAD_KWARGS = [

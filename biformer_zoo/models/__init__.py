@@ -1,8 +1,12 @@
 """Model families. Importing a family module registers its entrypoints with timm."""
-from typing import List
+from difflib import get_close_matches
+from typing import Any, List
 
 import timm
+from timm.models import parse_model_name, split_model_name_tag
+from torch import nn
 
+from ._pyramid import UnknownModelError, check_pretrained_tag
 from . import biformer  # noqa: F401
 from . import crossformer  # noqa: F401
 
@@ -15,3 +19,24 @@ def list_zoo_models(pretrained: bool = False) -> List[str]:
     for family in FAMILIES:
         names.update(timm.list_models(module=family, pretrained=pretrained))
     return sorted(names)
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` that names close matches for an unknown model name or pretrained tag.
+
+    timm answers an unknown name with ``RuntimeError('Unknown model (...)')``; this raises ``UnknownModelError``
+    (a ``ValueError``, and a ``RuntimeError`` like timm's) with the nearest registered names and the fix.
+    ``hf-hub:``/``local-dir:`` names go to timm unchanged.
+    """
+    source, name = parse_model_name(model_name)
+    if source is None:
+        architecture, tag = split_model_name_tag(name)
+        if not timm.is_model(architecture):
+            close = get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
+            hint = f' (did you mean {", ".join(close)}?)' if close else ''
+            raise UnknownModelError(
+                f'unknown model {architecture!r}{hint}. `biformer-zoo list` shows the zoo models, '
+                f'`timm.list_models()` all of them')
+        if tag:
+            check_pretrained_tag(architecture, tag)
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)

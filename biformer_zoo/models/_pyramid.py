@@ -4,9 +4,26 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from timm.models import get_arch_pretrained_cfgs
 from timm.models._features import feature_take_indices
 
 from ..layers import check_image_input
+
+
+class UnknownModelError(ValueError, RuntimeError):
+    """An unknown model name or pretrained tag. A ``ValueError``; also a ``RuntimeError``, which timm raises for
+    these, so code written against timm keeps catching it."""
+
+
+def check_pretrained_tag(architecture: str, tag: Any) -> None:
+    """Raise ``UnknownModelError`` naming the registered tags when ``tag`` (from ``'name.tag'``) is not one."""
+    if not isinstance(tag, str) or not tag:
+        return  # no tag, or a full pretrained_cfg dict (hf-hub:, local-dir:)
+    tags = [name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(architecture)]
+    if tag not in tags:
+        raise UnknownModelError(
+            f'unknown pretrained tag {tag!r} for {architecture}; its tags are {", ".join(tags) or "none"}. '
+            f'Use one of them (e.g. {architecture}.{tags[0] if tags else "<tag>"}) or leave the tag out')
 
 
 class PyramidModel(nn.Module):

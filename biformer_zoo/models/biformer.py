@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 
 from ..hub import prepare_pretrained
 from ..layers import AttentionLePE, BiLevelRoutingAttention
-from ._pyramid import PyramidModel
+from ._pyramid import PyramidModel, check_pretrained_tag
 
 __all__ = ['BiFormer']
 
@@ -273,6 +273,7 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
+    check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
     kwargs = prepare_pretrained(variant, pretrained, kwargs)
     cfg = kwargs.get('pretrained_cfg')  # a tag from 'name.tag', or a dict (hf-hub:/local-dir: config.json)
     if (cfg.get('tag') if isinstance(cfg, dict) else cfg) == 'in1k_nchw':

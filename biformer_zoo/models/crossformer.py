@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 
 from ..hub import prepare_pretrained
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from ._pyramid import PyramidModel
+from ._pyramid import PyramidModel, check_pretrained_tag
 
 __all__ = ['CrossFormer']
 
@@ -244,6 +244,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
     kwargs = prepare_pretrained(variant, pretrained, kwargs)
     img_size = kwargs.pop('img_size', None)
     if img_size is not None:  # any size runs; img_size only describes the preferred input
