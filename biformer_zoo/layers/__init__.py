@@ -3,3 +3,4 @@ from .bra import AttentionLePE, BiLevelRoutingAttention
 from .embed import CrossScaleEmbed, CrossScaleMerge
 from .helpers import check_image_input
 from .lsda import DynamicPosBias, LSDAttention
+from .mlp import RecomputeGeluMlp

@@ -20,11 +20,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
 from ..hub import prepare_pretrained
-from ..layers import AttentionLePE, BiLevelRoutingAttention
+from ..layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp
 from ._pyramid import PyramidModel, check_pretrained_tag
 
 __all__ = ['BiFormer']
@@ -64,7 +64,7 @@ class BiFormerBlock(nn.Module):
                 dim, num_heads=num_heads, num_regions=num_regions, topk=topk, side_dwconv=side_dwconv,
                 channels_last=True)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(mlp_ratio * dim))
+        self.mlp = RecomputeGeluMlp(dim, int(mlp_ratio * dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
