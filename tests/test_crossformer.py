@@ -169,6 +169,27 @@ def test_position_bias_cache_not_stale_after_weight_update():
         assert torch.equal(layer(x), _randomize(LSDAttention(32, 2, group_size=4), seed=1).eval()(x))
 
 
+@pytest.mark.parametrize('size,cached', [(56, True), (240, False)])
+def test_position_bias_cache_holds_only_small_biases(size, cached):
+    """LDA over a whole large map (a 30x30 group here: 2 heads x 900 x 900 floats = 6.5 MB) is recomputed per
+    call rather than held by the layer; 7x7 groups (classification sizes) stay cached."""
+    layer = LSDAttention(32, 2, group_size=7, interval=8, long_distance=True).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 32, size, size))
+    assert len(layer._bias_cache) == int(cached)
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+def test_padded_groups_equal_unpadded_tokens(batch):
+    """The per-group padding mask repeated over the batch: every image of a padded batch equals its own run."""
+    layer = _randomize(LSDAttention(32, 2, group_size=4)).eval()
+    x = torch.randn(batch, 32, 9, 10)
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(batch)])
+    torch.testing.assert_close(together, alone)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # cross-scale embedding layers
 

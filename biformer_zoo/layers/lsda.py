@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 GROUP_RULES = ('crossformer', 'crossformerpp')
-_BIAS_CACHE_SIZE = 8
+_BIAS_CACHE_SIZE = 8  # group shapes kept per layer
+_BIAS_CACHE_MAX_BYTES = 4 << 20  # larger biases are computed per call instead of held
 
 
 def group_layout(
@@ -172,7 +173,8 @@ class LSDAttention(nn.Module):
         channels_last: Take and return (B, H, W, C) tensors instead of (B, C, H, W).
 
     The position bias is computed once per call for the group shape in use. In eval mode with autograd off it is
-    cached per (group shape, device, dtype, parameter versions), so a cached value is never stale.
+    cached per (group shape, device, dtype, parameter versions), so a cached value is never stale; biases over
+    4 MiB (LDA across a whole detection-size map) are recomputed instead of held.
     """
 
     def __init__(
@@ -224,7 +226,8 @@ class LSDAttention(nn.Module):
         offsets, index = relative_position_inputs(group_h, group_w, weight.device)
         table = self.pos(offsets.to(weight.dtype))  # (P, heads)
         n = group_h * group_w
-        return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        # gathered head-major, so the (heads, N, N) result is contiguous without a second N*N copy
+        return table.t().index_select(1, index.view(-1)).view(-1, n, n)
 
     @torch.jit.unused
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
@@ -233,7 +236,9 @@ class LSDAttention(nn.Module):
             (p.data_ptr(), p._version) for p in params)
         bias = self._bias_cache.get(key)
         if bias is None:
-            bias = self.compute_position_bias(group_h, group_w).contiguous()
+            bias = self.compute_position_bias(group_h, group_w)
+            if bias.numel() * bias.element_size() > _BIAS_CACHE_MAX_BYTES:
+                return bias  # e.g. LDA over a whole detection-size map: recomputing is cheap, holding it is not
             # replace the dict instead of mutating it, so concurrent readers always see a complete one
             kept = list(self._bias_cache.items())[-(_BIAS_CACHE_SIZE - 1):]
             self._bias_cache = dict(kept + [(key, bias)])
@@ -266,16 +271,16 @@ class LSDAttention(nn.Module):
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, groups, heads, N, head_dim)
 
         bias = self.position_bias(group_h, group_w).to(x.dtype)  # (heads, N, N)
+        # groups fold into the batch axis: (B * groups, heads, N, head_dim), views of qkv
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
         if pad_b > 0 or pad_r > 0:
-            # one mask per group: fold groups into the head axis, (B, groups * heads, N, head_dim) (copies)
+            # one mask per group, repeated over the batch: (B * groups, heads, N, N), a view for B = 1; half the
+            # size of copying q, k and v into a layout where one mask per group would broadcast
             mask = padding_mask(H, W, Hp, Wp, group_h, group_w, interval, x.dtype, x.device)
-            attn_mask = (bias.unsqueeze(0) + mask).reshape(1, num_groups * self.num_heads, n, n)
-            folded = [B, num_groups * self.num_heads, n, head_dim]
-            q, k, v = q.reshape(folded), k.reshape(folded), v.reshape(folded)
+            attn_mask = (bias.unsqueeze(0) + mask).expand(B, -1, -1, -1, -1)
+            attn_mask = attn_mask.reshape(B * num_groups, self.num_heads, n, n)  # explicit sizes: B may be 0
         else:
-            # one mask for all groups: fold groups into the batch axis, (B * groups, heads, N, head_dim) (views)
-            attn_mask = bias.unsqueeze(0)  # (1, heads, N, N)
-            q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+            attn_mask = bias.unsqueeze(0)  # (1, heads, N, N), one mask for all groups
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
 
