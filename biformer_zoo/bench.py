@@ -31,7 +31,7 @@ from .report import TextTable, create_model_for_size, parse_img_size, progress_b
 
 __all__ = [
     'BenchResult', 'BenchReport', 'DEFAULT_BASELINE', 'BENCH_SCHEMA_VERSION', 'BENCH_FORMATS', 'benchmark',
-    'bench_tables', 'render_bench', 'reproduce_command',
+    'bench_tables', 'make_step', 'render_bench', 'reproduce_command', 'round_robin',
 ]
 
 DEFAULT_BASELINE = 'swin_tiny_patch4_window7_224'
@@ -96,7 +96,7 @@ def _scalar_loss(output: Any) -> torch.Tensor:
     return sum(_scalar_loss(v) for v in values)
 
 
-def _make_step(model: nn.Module, inputs: torch.Tensor, mode: str, amp: Optional[str]) -> Callable[[], None]:
+def make_step(model: nn.Module, inputs: torch.Tensor, mode: str, amp: Optional[str] = None) -> Callable[[], None]:
     """One inference forward, or one training step (forward, backward of the output mean, SGD update)."""
     autocast = torch.autocast(inputs.device.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext()
     if mode == 'infer':
@@ -122,6 +122,31 @@ def _make_step(model: nn.Module, inputs: torch.Tensor, mode: str, amp: Optional[
 def _synchronize(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def round_robin(
+        steps: Dict[str, Callable[[], None]],
+        rounds: int,
+        device: Union[str, torch.device] = 'cpu',
+        on_step: Optional[Callable[[], None]] = None,
+) -> Dict[str, List[float]]:
+    """Milliseconds of each step over ``rounds`` rounds; every round runs each step once, starting one step later
+    than the round before, so that machine noise falls on all steps alike. ``on_step`` runs after each step."""
+    device = torch.device(device)
+    labels = list(steps)
+    samples: Dict[str, List[float]] = {label: [] for label in labels}
+    _synchronize(device)
+    for round_index in range(rounds):
+        start = round_index % len(labels)
+        for label in labels[start:] + labels[:start]:
+            _synchronize(device)
+            begin = time.perf_counter()
+            steps[label]()
+            _synchronize(device)
+            samples[label].append((time.perf_counter() - begin) * 1e3)
+            if on_step is not None:
+                on_step()
+    return samples
 
 
 def _tensor_bytes(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -206,7 +231,6 @@ def benchmark(
         steps: Dict[str, Callable[[], None]] = {}
         static_bytes: Dict[str, int] = {}
         params: Dict[str, int] = {}
-        samples: Dict[str, List[float]] = {name: [] for name in names}
         peak_bytes: Dict[str, int] = {}
         with progress_bar(show_progress) as progress:
             task = progress.add_task('building', total=len(names) * (1 + warmup + rounds + 1))
@@ -215,7 +239,7 @@ def benchmark(
                 extra_kwargs = (model_kwargs or {}) if name != baseline else {}
                 model = create_model_for_size(name, size, **extra_kwargs).to(device)
                 inputs = torch.randn(batch_size, int(getattr(model, 'in_chans', 3) or 3), *size, device=device)
-                steps[name] = _make_step(model, inputs, mode, amp)
+                steps[name] = make_step(model, inputs, mode, amp)
                 static_bytes[name] = _tensor_bytes(model, inputs)
                 params[name] = sum(p.numel() for p in model.parameters())
                 progress.advance(task)
@@ -223,17 +247,8 @@ def benchmark(
                 for _ in range(warmup):
                     steps[name]()
                     progress.advance(task)
-            _synchronize(device)
-            for round_index in range(rounds):
-                progress.update(task, description=f'round {round_index + 1}/{rounds}')
-                start = round_index % len(names)
-                for name in names[start:] + names[:start]:
-                    _synchronize(device)
-                    begin = time.perf_counter()
-                    steps[name]()
-                    _synchronize(device)
-                    samples[name].append((time.perf_counter() - begin) * 1e3)
-                    progress.advance(task)
+            progress.update(task, description=f'{rounds} round-robin rounds')
+            samples = round_robin(steps, rounds, device, on_step=lambda: progress.advance(task))
             progress.update(task, description='measuring memory')
             for name in names:
                 if device.type == 'cuda':

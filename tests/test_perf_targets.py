@@ -1,0 +1,52 @@
+"""benchmarks/perf_targets.py in --quick mode: every group reported, each status computed from its number.
+
+No assertion depends on how fast anything runs."""
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'perf_targets.py'
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location('perf_targets', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def script() -> ModuleType:
+    return _load_script()
+
+
+@pytest.fixture(scope='module')
+def quick_run(script: ModuleType) -> Dict[str, Any]:
+    # one thread: on a shared 2-core machine two threads can wait on each other for seconds per op
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        script.main(['--quick', '--threads', '1', '--format', 'json'])
+    return json.loads(stdout.getvalue())
+
+
+def test_every_group_reported(script: ModuleType, quick_run: Dict[str, Any]) -> None:
+    assert {group: bool(checks) for group, checks in quick_run['groups'].items()} == \
+        {group: True for group in script.GROUPS}
+
+
+def test_status_follows_checked_value_and_target(quick_run: Dict[str, Any]) -> None:
+    checks = [c for checks in quick_run['groups'].values() for c in checks]
+    wrong = []
+    for c in checks:
+        checked, target = c['checked'], c['target']
+        met = checked >= target['bound'] if target['op'] == '>=' else checked <= target['bound']
+        if not (math.isfinite(checked) and checked > 0 and c['met'] == met):
+            wrong.append((c['group'], c['model'], checked, target, c['met']))
+    assert not wrong
