@@ -43,7 +43,7 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path, dynamic_hw
     shapes = None
     if dynamic_hw:
         dim = torch.export.Dim
-        shapes = {'images': {2: dim('height', min=32, max=2048), 3: dim('width', min=32, max=2048)}}
+        shapes = {'x': {2: dim('height', min=32, max=2048), 3: dim('width', min=32, max=2048)}}  # forward(x)
     # the exporter decomposes attention into math ops; tracing with the math backend keeps the recorded strides valid
     with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # exporter chatter
         torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=['images'], dynamic_shapes=shapes)
