@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention
+from biformer_zoo.layers import bra
 from biformer_zoo.layers.bra import count_routed
 
 # the two executions of BRA: gathered routed tokens, or dense attention masked to the routed regions
@@ -70,13 +71,18 @@ def test_bra_nchw_equals_channels_last():
         torch.testing.assert_close(nchw(x), nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize('backward', ['flash', 'explicit'])
 @pytest.mark.parametrize('path', PATHS)
-def test_bra_gradients_equal_reference(path):
+def test_bra_gradients_equal_reference(path, backward, monkeypatch):
+    """Both backward kernels of the routed attention: CPU flash (default on CPU) and the explicit one (other devices)."""
+    if backward == 'explicit':
+        monkeypatch.setattr(bra, '_flash_backward', None)
     torch.manual_seed(0)
     layer = bra_on_path(path, 16, num_heads=2, num_regions=2, topk=2, channels_last=True).double()
     x = torch.randn(1, 6, 5, 16, dtype=torch.float64, requires_grad=True)
-    (g_fast,) = torch.autograd.grad(layer(x).square().sum(), x)
-    (g_ref,) = torch.autograd.grad(reference_bra(layer, x).square().sum(), x)
+    inputs = (x, *layer.parameters())
+    g_fast = torch.autograd.grad(layer(x).square().sum(), inputs)
+    g_ref = torch.autograd.grad(reference_bra(layer, x).square().sum(), inputs)
     torch.testing.assert_close(g_fast, g_ref)
 
 

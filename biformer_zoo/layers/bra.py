@@ -10,8 +10,8 @@ before the output projection.
 The official code builds the routed keys/values with ``expand`` + ``gather``; its backward scatters into a
 tensor ``num_regions**2`` times the key/value size. Here ``index_select`` picks the rows of the routed tokens,
 attention runs through ``F.scaled_dot_product_attention``, and in training a custom autograd Function keeps only
-the projected tokens for backward (it gathers again and scatters the gradients with an accumulating
-``index_put_``) instead of ``topk`` copies of the routed keys/values.
+the projected tokens for backward (it gathers again, runs the CPU flash-attention backward, and sums the gradients
+with ``index_add_``) instead of ``topk`` copies of the routed keys/values.
 
 Where the routing keeps a large share of the regions (BiFormer's third stage routes 16 of 49), gathering costs
 more than it saves: there every token attends to the whole map through one ``scaled_dot_product_attention`` call
@@ -75,24 +75,30 @@ def routing_mask(routed: torch.Tensor, num_regions: int, height: int, width: int
     return allowed.index_select(1, token_region).index_select(2, token_region).unsqueeze(1)
 
 
+# the CPU flash-attention kernels, called directly so that forward can keep the log-sum-exp for backward
+_flash_forward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+_flash_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
+
+
 def _gather_qkv(
-        qk: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
         v: torch.Tensor,
         q_index: torch.Tensor,
         kv_index: torch.Tensor,
         heads: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries of each region and keys/values of its routed regions, each (B * regions, heads, tokens, d)."""
-    num_query_regions, qk_dim = q_index.shape[0], qk.shape[1] // 2
-    q_tokens, kv_tokens = q_index.shape[1], kv_index.shape[1]  # explicit sizes: -1 is ambiguous for an empty batch
-    q = qk[:, :qk_dim].index_select(0, q_index.flatten()).view(num_query_regions, q_tokens, heads, qk_dim // heads)
-    k = qk[:, qk_dim:].index_select(0, kv_index.flatten()).view(num_query_regions, kv_tokens, heads, qk_dim // heads)
-    v = v.index_select(0, kv_index.flatten()).view(num_query_regions, kv_tokens, heads, v.shape[1] // heads)
+    regions, q_tokens, kv_tokens = q_index.shape[0], q_index.shape[1], kv_index.shape[1]  # -1 fails on empty batches
+    q = q.index_select(0, q_index.flatten()).view(regions, q_tokens, heads, q.shape[1] // heads)
+    k = k.index_select(0, kv_index.flatten()).view(regions, kv_tokens, heads, k.shape[1] // heads)
+    v = v.index_select(0, kv_index.flatten()).view(regions, kv_tokens, heads, v.shape[1] // heads)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def routed_attention(
-        qk: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
         v: torch.Tensor,
         q_index: torch.Tensor,
         kv_index: torch.Tensor,
@@ -102,7 +108,8 @@ def routed_attention(
     """Attention of every query region over the tokens of its routed regions.
 
     Args:
-        qk: Projected queries and keys of all tokens of the batch, (B * H * W, 2 * qk_dim), channels [q | k].
+        q: Projected queries of all tokens of the batch, (B * H * W, qk_dim).
+        k: Projected keys, (B * H * W, qk_dim).
         v: Projected values, (B * H * W, dim).
         q_index: Rows holding each region's queries, (B * regions, tokens).
         kv_index: Rows holding the keys/values of each region's routed regions, (B * regions, topk * tokens).
@@ -112,44 +119,67 @@ def routed_attention(
     Returns:
         (B * regions, heads, tokens, dim / heads)
     """
-    q, k, v = _gather_qkv(qk, v, q_index, kv_index, heads)
+    q, k, v = _gather_qkv(q, k, v, q_index, kv_index, heads)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def _attention_backward(
+        grad_out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of softmax attention w.r.t. q, k and v, recomputing the probabilities."""
+    probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+    grad_v = probs.transpose(-2, -1) @ grad_out
+    grad_probs = grad_out @ v.transpose(-2, -1)
+    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * scale
+    return grad_logits @ k, grad_logits.transpose(-2, -1) @ q, grad_v
+
+
 class _RoutedAttention(torch.autograd.Function):
-    """``routed_attention`` that saves only the projected tokens for backward.
+    """``routed_attention`` that saves only the projected tokens (and on CPU the output) for backward.
 
     Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
-    Here backward gathers them again, recomputes the attention probabilities and scatters the gradients back
-    with ``index_put_`` (accumulating, and deterministic under ``torch.use_deterministic_algorithms``).
+    Here backward gathers them again, runs the attention backward and sums the gradients of repeated keys/values
+    back into their tokens with ``index_add_`` (deterministic on CPU). On CPU, forward and backward call the
+    flash-attention kernels directly, so backward reuses the forward's output and log-sum-exp instead of
+    recomputing the probabilities.
     """
 
     @staticmethod
-    def forward(ctx, qk: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor, heads: int,
-                scale: float) -> torch.Tensor:
-        ctx.save_for_backward(qk, v, q_index, kv_index)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
+                kv_index: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
         ctx.heads, ctx.scale = heads, scale
-        return routed_attention(qk, v, q_index, kv_index, heads, scale)
+        ctx.flash = q.device.type == 'cpu' and _flash_backward is not None and _flash_forward is not None
+        if not ctx.flash:
+            ctx.save_for_backward(q, k, v, q_index, kv_index)
+            return routed_attention(q, k, v, q_index, kv_index, heads, scale)
+        out, lse = _flash_forward(*_gather_qkv(q, k, v, q_index, kv_index, heads), scale=scale)
+        ctx.save_for_backward(q, k, v, q_index, kv_index, out, lse)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        qk, v_rows, q_index, kv_index = ctx.saved_tensors
-        scale = ctx.scale
-        q, k, v = _gather_qkv(qk, v_rows, q_index, kv_index, ctx.heads)
-        probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # (B * regions, heads, tokens, routed)
-        grad_v = probs.transpose(-2, -1) @ grad_out
-        grad_probs = grad_out @ v.transpose(-2, -1)
-        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
-        grad_q = (grad_logits @ k) * scale
-        grad_k = (grad_logits.transpose(-2, -1) @ q) * scale
-        qk_dim, q_rows, kv_rows = qk.shape[1] // 2, q_index.flatten(), kv_index.flatten()
+        saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
+        q_rows, k_rows, v_rows, q_index, kv_index = saved[:5]
+        q, k, v = _gather_qkv(q_rows, k_rows, v_rows, q_index, kv_index, ctx.heads)
+        if ctx.flash:
+            out, lse = saved[5:]
+            grad_q, grad_k, grad_v = _flash_backward(grad_out, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
+        else:
+            grad_q, grad_k, grad_v = _attention_backward(grad_out, q, k, v, ctx.scale)
+        q_rows_index, kv_rows_index = q_index.flatten(), kv_index.flatten()
+
+        def rows(grad: torch.Tensor) -> torch.Tensor:  # (B * regions, heads, tokens, d) -> (B * regions * tokens, C)
+            return grad.transpose(1, 2).flatten(2).flatten(0, 1)
+
         # every token is the query of exactly one region; routed keys/values repeat, so they accumulate
-        grad_qk = torch.zeros_like(qk)
-        grad_qk[:, :qk_dim].index_put_((q_rows,), grad_q.transpose(1, 2).flatten(2).flatten(0, 1))
-        grad_qk[:, qk_dim:].index_put_((kv_rows,), grad_k.transpose(1, 2).flatten(2).flatten(0, 1), accumulate=True)
-        grad_v_rows = torch.zeros_like(v_rows).index_put_(
-            (kv_rows,), grad_v.transpose(1, 2).flatten(2).flatten(0, 1), accumulate=True)
-        return grad_qk, grad_v_rows, None, None, None, None
+        grad_q_rows = torch.empty_like(q_rows).index_copy_(0, q_rows_index, rows(grad_q))
+        grad_k_rows = torch.zeros_like(k_rows).index_add_(0, kv_rows_index, rows(grad_k))
+        grad_v_rows = torch.zeros_like(v_rows).index_add_(0, kv_rows_index, rows(grad_v))
+        return grad_q_rows, grad_k_rows, grad_v_rows, None, None, None, None
 
 
 @register_notrace_module
@@ -211,9 +241,9 @@ class BiLevelRoutingAttention(nn.Module):
         return f'num_heads={self.num_heads}, num_regions={self.num_regions}, topk={self.topk}'
 
     @torch.jit.unused
-    def _routed_attention_autograd(
-            self, qk: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
-        return _RoutedAttention.apply(qk, v, q_index, kv_index, self.num_heads, self.scale)
+    def _routed_attention_autograd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
+                                   kv_index: torch.Tensor) -> torch.Tensor:
+        return _RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last:
@@ -225,20 +255,23 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
         rh, rw = Hp // n, Wp // n
-        qk_dim = self.qk_dim
 
-        # one projection, computed as two so that q|k and v each come out contiguous
-        qk = F.linear(x, self.qkv.weight[:2 * qk_dim], self.qkv.bias[:2 * qk_dim])  # (B, Hp, Wp, 2 * qk_dim)
-        v = F.linear(x, self.qkv.weight[2 * qk_dim:], self.qkv.bias[2 * qk_dim:])  # (B, Hp, Wp, dim)
+        # one projection, computed as three so that q, k and v each come out contiguous
+        q_weight, k_weight, v_weight = self.qkv.weight.split([self.qk_dim, self.qk_dim, self.dim])
+        q_bias, k_bias, v_bias = self.qkv.bias.split([self.qk_dim, self.qk_dim, self.dim])
+        q = F.linear(x, q_weight, q_bias)  # (B, Hp, Wp, qk_dim)
+        k = F.linear(x, k_weight, k_bias)  # (B, Hp, Wp, qk_dim)
+        v = F.linear(x, v_weight, v_bias)  # (B, Hp, Wp, dim)
 
         # coarse level: route each region by the mean of its queries and keys
-        qk_regions = F.avg_pool2d(qk.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
-        routed = route_regions(qk_regions[..., :qk_dim] * self.scale, qk_regions[..., qk_dim:], self.topk)
+        q_regions = F.avg_pool2d(q.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
+        k_regions = F.avg_pool2d(k.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
+        routed = route_regions(q_regions * self.scale, k_regions, self.topk)
 
         if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
-            out = self._masked_dense_attention(qk, v, routing_mask(routed, n, Hp, Wp))
+            out = self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp))
         else:
-            out = self._gathered_attention(qk, v, routed)
+            out = self._gathered_attention(q, k, v, routed)
         if self.lepe is not None:
             out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(out)
@@ -248,20 +281,22 @@ class BiLevelRoutingAttention(nn.Module):
             out = out.permute(0, 3, 1, 2)
         return out
 
-    def _masked_dense_attention(self, qk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _masked_dense_attention(
+            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Every token over the whole map, masked to its routed regions; (B, Hp, Wp, *) -> (B, Hp, Wp, dim)."""
         B, Hp, Wp, _ = v.shape
-        heads, qk_dim = self.num_heads, self.qk_dim
-        q = qk[..., :qk_dim].reshape(B, Hp * Wp, heads, qk_dim // heads).transpose(1, 2)
-        k = qk[..., qk_dim:].reshape(B, Hp * Wp, heads, qk_dim // heads).transpose(1, 2)
+        heads = self.num_heads
+        q = q.reshape(B, Hp * Wp, heads, self.qk_dim // heads).transpose(1, 2)
+        k = k.reshape(B, Hp * Wp, heads, self.qk_dim // heads).transpose(1, 2)
         v = v.reshape(B, Hp * Wp, heads, self.dim // heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, heads, Hp * Wp, d)
         return out.transpose(1, 2).reshape(B, Hp, Wp, self.dim)
 
-    def _gathered_attention(self, qk: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    def _gathered_attention(
+            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Every region's queries over the gathered tokens of its routed regions; (B, Hp, Wp, *) -> (B, Hp, Wp, dim)."""
         B, Hp, Wp, _ = v.shape
-        n, qk_dim = self.num_regions, self.qk_dim
+        n = self.num_regions
         rh, rw = Hp // n, Wp // n
         # token rows of each region's queries and of its routed regions' keys/values
         tokens = region_token_index(n, Hp, Wp, v.device)  # (regions, tokens)
@@ -270,11 +305,13 @@ class BiLevelRoutingAttention(nn.Module):
         kv_index = (tokens[routed].flatten(2) + batch_offset).flatten(0, 1)  # (B * regions, topk * tokens)
 
         # fine level: token attention within the routed regions
-        qk_rows, v_rows = qk.reshape(B * Hp * Wp, 2 * qk_dim), v.reshape(B * Hp * Wp, self.dim)
-        if torch.jit.is_scripting() or not (torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)):
-            out = routed_attention(qk_rows, v_rows, q_index, kv_index, self.num_heads, self.scale)
+        rows = B * Hp * Wp
+        q, k, v = q.reshape(rows, self.qk_dim), k.reshape(rows, self.qk_dim), v.reshape(rows, self.dim)
+        if torch.jit.is_scripting() or not (
+                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            out = routed_attention(q, k, v, q_index, kv_index, self.num_heads, self.scale)
         else:
-            out = self._routed_attention_autograd(qk_rows, v_rows, q_index, kv_index)
+            out = self._routed_attention_autograd(q, k, v, q_index, kv_index)
         # (B * regions, heads, tokens, d) -> (B, Hp, Wp, dim)
         return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3).reshape(B, Hp, Wp, self.dim)
 
