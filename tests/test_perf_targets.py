@@ -50,3 +50,16 @@ def test_status_follows_checked_value_and_target(quick_run: Dict[str, Any]) -> N
         if not (math.isfinite(checked) and checked > 0 and c['met'] == met):
             wrong.append((c['group'], c['model'], checked, target, c['met']))
     assert not wrong
+
+
+def test_routed_backward_benchmark_times_both_backwards() -> None:
+    """benchmarks/routed_backward.py: one row per stage shape, both variants timed, the layer's default restored."""
+    spec = importlib.util.spec_from_file_location('routed_backward', SCRIPT.parent / 'routed_backward.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from biformer_zoo.layers import bra
+    default = bra._flash_backward
+    rows = list(module.routed_rows(rounds=1))
+    assert [label.split(',')[1].strip() for label, _, _ in rows] == ['8x56x56x64', '8x28x28x128']
+    assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0 for _, before, after in rows)
+    assert bra._flash_backward is default
