@@ -74,7 +74,7 @@ def test_bra_nchw_equals_channels_last():
 @pytest.mark.parametrize('backward', ['flash', 'explicit'])
 @pytest.mark.parametrize('path', PATHS)
 def test_bra_gradients_equal_reference(path, backward, monkeypatch):
-    """Both backward kernels of the routed attention: CPU flash (default on CPU) and the explicit one (other devices)."""
+    """Both backwards of the routed attention: CPU flash (the default on CPU) and explicit (used off CPU)."""
     if backward == 'explicit':
         monkeypatch.setattr(bra, '_flash_backward', None)
     torch.manual_seed(0)

@@ -143,9 +143,9 @@ class _RoutedAttention(torch.autograd.Function):
 
     Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
     Here backward gathers them again, runs the attention backward and sums the gradients of repeated keys/values
-    back into their tokens with ``index_add_`` (deterministic on CPU). On CPU, forward and backward call the
-    flash-attention kernels directly, so backward reuses the forward's output and log-sum-exp instead of
-    recomputing the probabilities.
+    back into their tokens (``index_add_`` on CPU, an accumulating ``index_put_`` elsewhere; both deterministic).
+    On CPU, forward and backward call the flash-attention kernels directly, so backward reuses the forward's output
+    and log-sum-exp instead of recomputing the probabilities.
     """
 
     @staticmethod
@@ -177,8 +177,12 @@ class _RoutedAttention(torch.autograd.Function):
 
         # every token is the query of exactly one region; routed keys/values repeat, so they accumulate
         grad_q_rows = torch.empty_like(q_rows).index_copy_(0, q_rows_index, rows(grad_q))
-        grad_k_rows = torch.zeros_like(k_rows).index_add_(0, kv_rows_index, rows(grad_k))
-        grad_v_rows = torch.zeros_like(v_rows).index_add_(0, kv_rows_index, rows(grad_v))
+        if q_rows.device.type == 'cpu':  # parallel and deterministic on CPU (an accumulating index_put_ is serial)
+            grad_k_rows = torch.zeros_like(k_rows).index_add_(0, kv_rows_index, rows(grad_k))
+            grad_v_rows = torch.zeros_like(v_rows).index_add_(0, kv_rows_index, rows(grad_v))
+        else:  # deterministic under torch.use_deterministic_algorithms on CUDA
+            grad_k_rows = torch.zeros_like(k_rows).index_put_((kv_rows_index,), rows(grad_k), accumulate=True)
+            grad_v_rows = torch.zeros_like(v_rows).index_put_((kv_rows_index,), rows(grad_v), accumulate=True)
         return grad_q_rows, grad_k_rows, grad_v_rows, None, None, None, None
 
 
