@@ -6,29 +6,23 @@ Forward + backward of ``BiLevelRoutingAttention`` at BiFormer-S's stage 1 and 2 
 path), with the explicit attention backward (recomputed probabilities, bmm; what runs off CPU) against the CPU
 flash-attention backward that is the default on CPU.
 
-Rounds alternate the two variants; medians in ms. These are layers in a warm cache: inside a model, where the
-tensors are cold, they take longer (see README, "Speed and memory on CPU").
+Rounds alternate the two variants (``bench.round_robin``); medians in ms. These are layers in a warm cache: inside
+a model, where the tensors are cold, they take longer (see README, "Speed and memory on CPU").
 """
 import argparse
 import statistics
-import time
 from typing import Callable, Dict
 
 import torch
 
+from biformer_zoo.bench import round_robin
 from biformer_zoo.layers import bra
 
 
-def _ab(variants: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
-    times = {name: [] for name in variants}
-    for fn in variants.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+def _median_ms(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
+    for step in steps.values():  # one untimed warm-up step each
+        step()
+    return {label: statistics.median(ms) for label, ms in round_robin(steps, rounds).items()}
 
 
 def routed_rows(rounds: int):
@@ -45,7 +39,7 @@ def routed_rows(rounds: int):
             finally:
                 bra._flash_backward = saved
 
-        t = _ab({'explicit': lambda: step(False), 'flash': lambda: step(True)}, rounds)
+        t = _median_ms({'explicit': lambda: step(False), 'flash': lambda: step(True)}, rounds)
         yield f'BRA fwd+bwd, 8x{size}x{size}x{channels}, topk {topk}', t['explicit'], t['flash']
 
 
