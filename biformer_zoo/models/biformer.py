@@ -109,7 +109,8 @@ class BiFormerStage(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        # contiguous (B, H, W, C): on a permuted NCHW view every LayerNorm would copy and every residual add stride
+        x = self.downsample(x).permute(0, 2, 3, 1).contiguous()
         if self.grad_checkpointing and not torch.jit.is_scripting():
             for block in self.blocks:
                 x = checkpoint(block, x)
