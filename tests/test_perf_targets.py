@@ -52,14 +52,17 @@ def test_status_follows_checked_value_and_target(quick_run: Dict[str, Any]) -> N
     assert not wrong
 
 
-def test_routed_backward_benchmark_times_both_backwards() -> None:
-    """benchmarks/routed_backward.py: one row per stage shape, both variants timed, the layer's default restored."""
-    spec = importlib.util.spec_from_file_location('routed_backward', SCRIPT.parent / 'routed_backward.py')
+def test_custom_backward_benchmark_times_both_variants() -> None:
+    """benchmarks/custom_backward.py: one row per layer shape, both variants timed, the layer's default restored."""
+    spec = importlib.util.spec_from_file_location('custom_backward', SCRIPT.parent / 'custom_backward.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     from biformer_zoo.layers import bra
     default = bra._flash_backward
     rows = list(module.routed_rows(rounds=1))
     assert [label.split(',')[1].strip() for label, _, _ in rows] == ['8x56x56x64', '8x28x28x128']
-    assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0 for _, before, after in rows)
     assert bra._flash_backward is default
+    stem = list(module.stem_rows(rounds=1))
+    assert [label.split(',')[-2].strip() for label, _, _ in stem] == ['kernel 16', 'kernel 32']
+    assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
+               for _, before, after in rows + stem)

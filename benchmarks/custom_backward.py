@@ -1,10 +1,12 @@
-"""Layer-level A/B timing of the routed-attention backward on CPU, side by side in one process.
+"""Layer-level A/B timing of the zoo's custom CPU backwards against the plain ones, side by side in one process.
 
-    python benchmarks/routed_backward.py --threads 2 --rounds 10
+    python benchmarks/custom_backward.py --threads 2 --rounds 10
 
-Forward + backward of ``BiLevelRoutingAttention`` at BiFormer-S's stage 1 and 2 shapes (batch 8, 224 input, gather
-path), with the explicit attention backward (recomputed probabilities, bmm; what runs off CPU) against the CPU
-flash-attention backward that is the default on CPU.
+- ``BiLevelRoutingAttention`` forward + backward at BiFormer-S's stage 1 and 2 shapes (batch 8, 224 input, gather
+  path): the explicit attention backward (recomputed probabilities, bmm; what runs off CPU) against the CPU
+  flash-attention backward that is the default on CPU.
+- CrossFormer's large stem kernels (16 and 32, stride 4, batch 8 of 224x224 images) forward + weight gradient:
+  ``nn.Conv2d`` (oneDNN's strided weight gradient) against ``StridedConv2d`` (the space-to-depth weight gradient).
 
 Rounds alternate the two variants (``bench.round_robin``); medians in ms. These are layers in a warm cache: inside
 a model, where the tensors are cold, they take longer (see README, "Speed and memory on CPU").
@@ -14,9 +16,11 @@ import statistics
 from typing import Callable, Dict
 
 import torch
+import torch.nn as nn
 
 from biformer_zoo.bench import round_robin
 from biformer_zoo.layers import bra
+from biformer_zoo.layers.embed import StridedConv2d
 
 
 def _median_ms(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
@@ -43,6 +47,20 @@ def routed_rows(rounds: int):
         yield f'BRA fwd+bwd, 8x{size}x{size}x{channels}, topk {topk}', t['explicit'], t['flash']
 
 
+def stem_rows(rounds: int):
+    x = torch.randn(8, 3, 224, 224)
+    for kernel, channels in [(16, 12), (32, 12)]:
+        fast = StridedConv2d(3, channels, kernel, stride=4, padding=(kernel - 4) // 2)
+        plain = nn.Conv2d(3, channels, kernel, stride=4, padding=(kernel - 4) // 2)
+        plain.load_state_dict(fast.state_dict())
+
+        def step(conv: nn.Conv2d):
+            return torch.autograd.grad(conv(x).sum(), conv.weight)
+
+        t = _median_ms({'plain': lambda: step(plain), 'fast': lambda: step(fast)}, rounds)
+        yield f'stem conv fwd+weight grad, 3->{channels}, kernel {kernel}, stride 4', t['plain'], t['fast']
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
@@ -50,10 +68,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds')
-    print('| layer | explicit backward ms | flash backward ms | flash / explicit |')
+    print('| layer | plain backward ms | custom backward ms | custom / plain |')
     print('|---|---|---|---|')
-    for label, before, after in routed_rows(args.rounds):
-        print(f'| {label} | {before:.2f} | {after:.2f} | {after / before:.2f}x |', flush=True)
+    for rows in (routed_rows(args.rounds), stem_rows(args.rounds)):
+        for label, before, after in rows:
+            print(f'| {label} | {before:.2f} | {after:.2f} | {after / before:.2f}x |', flush=True)
 
 
 if __name__ == '__main__':
