@@ -105,6 +105,18 @@ def test_global_pool_none_keeps_map():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
 
 
+def test_blocks_run_on_contiguous_channels_last_maps():
+    """Every block gets a contiguous (B, H, W, C) map; a permuted NCHW view makes each LayerNorm copy (perf, #7)."""
+    model = timm.create_model('biformer_tiny').eval()
+    seen = []
+    for stage in model.stages:
+        for block in stage.blocks:
+            block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert len(seen) == sum(len(stage.blocks) for stage in model.stages) and all(seen)
+
+
 def test_in_chans_adapts_first_conv_on_pretrained_load(tmp_path):
     path = tmp_path / 'biformer_tiny_in1k.pth'
     official = save_official_checkpoint('biformer_tiny', path)
