@@ -1,10 +1,13 @@
-"""Layer-level A/B timing of the zoo's custom CPU backwards against the plain ones, side by side in one process.
+"""Layer-level A/B timing of the zoo's CPU training paths against the plain ones, side by side in one process.
 
     python benchmarks/custom_backward.py --threads 2 --rounds 10
 
 - ``BiLevelRoutingAttention`` forward + backward at BiFormer-S's stage 1 and 2 shapes (batch 8, 224 input, gather
   path): the explicit attention backward (recomputed probabilities, bmm; what runs off CPU) against the CPU
   flash-attention backward that is the default on CPU.
+- CrossFormer's grouped attention with a position bias that needs a gradient (training), at CrossFormer-S's stage
+  1-4 shapes (batch 8, 224 input): ``F.scaled_dot_product_attention`` (its math path on CPU) against
+  ``lsda.explicit_attention``, what the layer runs there.
 - CrossFormer's large stem kernels (16 and 32, stride 4, batch 8 of 224x224 images) forward + weight gradient:
   ``nn.Conv2d`` (oneDNN's strided weight gradient) against ``StridedConv2d`` (the space-to-depth weight gradient).
 
@@ -17,9 +20,10 @@ from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from biformer_zoo.bench import round_robin
-from biformer_zoo.layers import bra
+from biformer_zoo.layers import bra, lsda
 from biformer_zoo.layers.embed import StridedConv2d
 
 
@@ -47,6 +51,23 @@ def routed_rows(rounds: int):
         yield f'BRA fwd+bwd, 8x{size}x{size}x{channels}, topk {topk}', t['explicit'], t['flash']
 
 
+def attention_rows(rounds: int):
+    for groups, heads in [(512, 3), (128, 6), (32, 12), (8, 24)]:
+        q, k, v = (torch.randn(groups, heads, 49, 32, requires_grad=True) for _ in range(3))
+        bias = torch.randn(1, heads, 49, 49, requires_grad=True)
+        inputs = [q, k, v, bias]
+
+        def step(explicit: bool):
+            if explicit:
+                out = lsda.explicit_attention(q, k, v, bias, 32 ** -0.5)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=32 ** -0.5)
+            return torch.autograd.grad(out.sum(), inputs)
+
+        t = _median_ms({'sdpa': lambda: step(False), 'explicit': lambda: step(True)}, rounds)
+        yield f'LSDA attention fwd+bwd, {groups}x{heads}x49x32, bias grad', t['sdpa'], t['explicit']
+
+
 def stem_rows(rounds: int):
     x = torch.randn(8, 3, 224, 224)
     for kernel, channels in [(16, 12), (32, 12)]:
@@ -68,9 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds')
-    print('| layer | plain backward ms | custom backward ms | custom / plain |')
+    print('| layer, forward + backward | plain ms | zoo ms | zoo / plain |')
     print('|---|---|---|---|')
-    for rows in (routed_rows(args.rounds), stem_rows(args.rounds)):
+    for rows in (routed_rows(args.rounds), attention_rows(args.rounds), stem_rows(args.rounds)):
         for label, before, after in rows:
             print(f'| {label} | {before:.2f} | {after:.2f} | {after / before:.2f}x |', flush=True)
 

@@ -128,12 +128,15 @@ def test_lsda_equals_reference(rule, long_distance, H, W, group_size, interval, 
         torch.testing.assert_close(fast.detach(), reference_lsda(layer, x))
 
 
-def test_lsda_gradients_equal_reference():
+@pytest.mark.parametrize('train_bias', [True, False])  # explicit attention on CPU / SDPA with a constant bias
+def test_lsda_gradients_equal_reference(train_bias):
     layer = _randomize(LSDAttention(16, 2, group_size=3, interval=2, long_distance=True,
                                     group_rule='crossformerpp')).double()
+    layer.pos.requires_grad_(train_bias)
     x = torch.randn(1, 16, 7, 8, dtype=torch.float64, requires_grad=True)
-    fast = torch.autograd.grad(layer(x).square().sum(), [x, layer.pos.pos_proj.weight])
-    ref = torch.autograd.grad(reference_lsda(layer, x).square().sum(), [x, layer.pos.pos_proj.weight])
+    inputs = [x, layer.qkv.weight] + ([layer.pos.pos_proj.weight] if train_bias else [])
+    fast = torch.autograd.grad(layer(x).square().sum(), inputs)
+    ref = torch.autograd.grad(reference_lsda(layer, x).square().sum(), inputs)
     torch.testing.assert_close(fast, ref)
 
 

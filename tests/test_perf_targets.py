@@ -62,7 +62,9 @@ def test_custom_backward_benchmark_times_both_variants() -> None:
     rows = list(module.routed_rows(rounds=1))
     assert [label.split(',')[1].strip() for label, _, _ in rows] == ['8x56x56x64', '8x28x28x128']
     assert bra._flash_backward is default
+    attention = list(module.attention_rows(rounds=1))
+    assert len(attention) == 4
     stem = list(module.stem_rows(rounds=1))
     assert [label.split(',')[-2].strip() for label, _, _ in stem] == ['kernel 16', 'kernel 32']
     assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
-               for _, before, after in rows + stem)
+               for _, before, after in rows + attention + stem)

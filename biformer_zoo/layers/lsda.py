@@ -30,7 +30,7 @@ from timm.layers import register_notrace_function, register_notrace_module
 
 __all__ = [
     'DynamicPosBias', 'LSDAttention', 'group_layout', 'group_tokens', 'ungroup_heads',
-    'relative_position_inputs', 'padding_mask',
+    'relative_position_inputs', 'padding_mask', 'explicit_attention',
 ]
 
 GROUP_RULES = ('crossformer', 'crossformerpp')
@@ -124,6 +124,27 @@ def padding_mask(
     return mask.view(mask.shape[1], 1, 1, mask.shape[2])
 
 
+def explicit_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        scale: float,
+        dropout_p: float = 0.,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` as matmuls, for a bias that needs a gradient on CPU.
+
+    No fused CPU kernel of ``F.scaled_dot_product_attention`` gives the mask a gradient, so it runs its math path:
+    the same ops plus a guard for rows that are masked out entirely. The padding mask here is finite, so that guard
+    is not needed; without it forward + backward is about 10% faster (``benchmarks/custom_backward.py``).
+    """
+    attn = (q * scale) @ k.transpose(-2, -1) + bias
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
+
+
 class DynamicPosBias(nn.Module):
     """Dynamic position bias: an MLP from a relative offset (dy, dx) to one bias per head.
 
@@ -172,6 +193,8 @@ class LSDAttention(nn.Module):
         dpb_residual: Residual connections inside the dynamic position bias MLP (False in the official models).
         channels_last: Take and return (B, H, W, C) tensors instead of (B, C, H, W).
 
+    Attention runs through ``F.scaled_dot_product_attention`` with the position bias (plus the padding mask) as
+    ``attn_mask``; on CPU, when the bias needs a gradient (training), as explicit matmuls and softmax instead.
     The position bias is computed once per call for the group shape in use. In eval mode with autograd off it is
     cached per (group shape, device, dtype, parameter versions), so a cached value is never stale; biases over
     4 MiB (LDA across a whole detection-size map) are recomputed instead of held.
@@ -281,8 +304,11 @@ class LSDAttention(nn.Module):
             attn_mask = attn_mask.reshape(B * num_groups, self.num_heads, n, n)  # explicit sizes: B may be 0
         else:
             attn_mask = bias.unsqueeze(0)  # (1, heads, N, N), one mask for all groups
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        dropout_p = self.attn_drop if self.training else 0.
+        if attn_mask.requires_grad and x.device.type == 'cpu':
+            out = explicit_attention(q, k, v, attn_mask, self.scale, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
 
         out = ungroup_heads(out.reshape(B, num_groups, self.num_heads, n, head_dim), Hp, Wp, group_h, group_w, interval)
         if pad_b > 0 or pad_r > 0:

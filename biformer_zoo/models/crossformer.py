@@ -13,8 +13,8 @@ Same architectures and parameters as the official models; official checkpoints o
   only take even sides). The group shape follows the official rule (``biformer_zoo.layers.lsda.group_layout``):
   at the sizes where the official models run the results are the same;
 * ``forward`` changes no state (the official detection backbone rewrites a block's SDA/LDA flag on a small input);
-* attention through ``F.scaled_dot_product_attention`` with the dynamic position bias as the mask, computed once
-  per block call (cached in eval mode);
+* attention through ``F.scaled_dot_product_attention`` with the dynamic position bias as the mask (explicit matmuls
+  when training on CPU), the bias computed once per block call (cached in eval mode);
 * the timm model contract (``features_only``, ``forward_intermediates``, ``reset_classifier``, ...).
 """
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
