@@ -105,6 +105,16 @@ def test_bra_picks_dense_only_where_routing_keeps_many_regions(monkeypatch):
         assert layer.dense_max_ratio == 4.0
 
 
+def test_routing_mask_additive_form_matches_boolean():
+    """The float mask the dense path passes to SDPA is the boolean mask in SDPA's own additive form."""
+    routed = torch.stack([torch.randperm(9)[:3] for _ in range(2 * 9)]).view(2, 9, 3)
+    allowed = bra.routing_mask(routed, 3, 6, 9)
+    additive = bra.routing_mask(routed, 3, 6, 9, dtype=torch.float32)
+    assert allowed.shape == additive.shape == (2, 1, 54, 54) and allowed.dtype == torch.bool
+    assert allowed.sum(-1).unique().tolist() == [3 * 2 * 3]  # 3 routed regions of 2x3 tokens per query
+    torch.testing.assert_close(additive, torch.zeros(additive.shape).masked_fill(~allowed, float('-inf')))
+
+
 @pytest.mark.parametrize('lepe_on_value', [False, True])
 def test_attention_lepe_equals_reference(lepe_on_value):
     torch.manual_seed(0)

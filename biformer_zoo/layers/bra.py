@@ -15,8 +15,9 @@ with ``index_add_``) instead of ``topk`` copies of the routed keys/values.
 
 Where the routing keeps a large share of the regions (BiFormer's third stage routes 16 of 49), gathering costs
 more than it saves: there every token attends to the whole map through one ``scaled_dot_product_attention`` call
-with a boolean mask that allows exactly the routed regions. The result is the same attention (masked scores get
-zero weight); only the wasted multiplications differ, so FLOP counts use the routed path (``count_routed``).
+with an additive mask (0 or -inf) that allows exactly the routed regions. The result is the same attention (masked
+scores get zero weight); only the wasted multiplications differ, so FLOP counts use the routed path
+(``count_routed``).
 
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
@@ -57,11 +58,19 @@ def region_token_index(num_regions: int, height: int, width: int, device: torch.
     return (rows * width + cols).permute(0, 2, 1, 3).reshape(num_regions * num_regions, rh * rw)
 
 
-def routing_mask(routed: torch.Tensor, num_regions: int, height: int, width: int) -> torch.Tensor:
-    """Boolean attention mask over the tokens of a (height, width) map, True where the key's region is routed.
+def routing_mask(
+        routed: torch.Tensor,
+        num_regions: int,
+        height: int,
+        width: int,
+        dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Attention mask over the tokens of a (height, width) map that allows exactly the routed regions' keys.
 
     Args:
         routed: (B, regions, topk) region indices from ``route_regions``.
+        dtype: None for a boolean mask (True where allowed); a float dtype for the additive mask that SDPA would
+            make of it (0 where allowed, -inf elsewhere), which spares SDPA that conversion in forward and backward.
 
     Returns:
         (B, 1, height * width, height * width), tokens in row-major order.
@@ -70,8 +79,13 @@ def routing_mask(routed: torch.Tensor, num_regions: int, height: int, width: int
     rows = torch.arange(height, device=routed.device) // (height // num_regions)
     cols = torch.arange(width, device=routed.device) // (width // num_regions)
     token_region = (rows.view(-1, 1) * num_regions + cols.view(1, -1)).flatten()  # (H * W,)
-    allowed = torch.zeros(routed.shape[0], regions, regions, dtype=torch.bool, device=routed.device)
-    allowed.scatter_(2, routed, torch.ones_like(routed, dtype=torch.bool))  # a Tensor source traces with jit
+    shape = (routed.shape[0], regions, regions)
+    if dtype is None:
+        allowed = torch.zeros(shape, dtype=torch.bool, device=routed.device)
+        allowed.scatter_(2, routed, torch.ones_like(routed, dtype=torch.bool))  # a Tensor source traces with jit
+    else:
+        allowed = torch.full(shape, float('-inf'), dtype=dtype, device=routed.device)
+        allowed.scatter_(2, routed, torch.zeros_like(routed, dtype=dtype))
     return allowed.index_select(1, token_region).index_select(2, token_region).unsqueeze(1)
 
 
@@ -273,7 +287,7 @@ class BiLevelRoutingAttention(nn.Module):
         routed = route_regions(q_regions * self.scale, k_regions, self.topk)
 
         if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
-            out = self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp))
+            out = self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp, dtype=q.dtype))
         else:
             out = self._gathered_attention(q, k, v, routed)
         if self.lepe is not None:
