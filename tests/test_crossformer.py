@@ -230,6 +230,16 @@ def test_strided_conv_gradients_equal_plain_conv(in_chans, kernel, stride, size,
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_strided_conv_works_under_torch_func_grad():
+    """torch.func transforms need the Function's setup_context; the gradients equal autograd's."""
+    conv = StridedConv2d(3, 4, 16, stride=4, padding=6).double()
+    x = torch.randn(1, 3, 32, 40, dtype=torch.float64)
+    params = {name: p.detach() for name, p in conv.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(conv, p, (x,)).square().sum())(params)
+    expected = torch.autograd.grad(conv(x).square().sum(), [conv.weight, conv.bias])
+    torch.testing.assert_close([grads['weight'], grads['bias']], list(expected))
+
+
 def test_cross_scale_embed_uses_space_to_depth_for_large_kernels_only():
     embed = CrossScaleEmbed(3, 96, (4, 8, 16, 32), stride=4)
     merge = CrossScaleMerge(16, 32, (2, 4))

@@ -59,11 +59,15 @@ class _LargeKernelConv(torch.autograd.Function):
     """Strided conv whose weight gradient goes through ``space_to_depth_weight_grad``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
                 padding: int) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple, output: torch.Tensor) -> None:  # separate, so torch.func transforms work
+        x, weight, bias, stride, padding = inputs
         ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
         ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, bias, stride=stride, padding=padding)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
