@@ -79,13 +79,11 @@ def routing_mask(
     rows = torch.arange(height, device=routed.device) // (height // num_regions)
     cols = torch.arange(width, device=routed.device) // (width // num_regions)
     token_region = (rows.view(-1, 1) * num_regions + cols.view(1, -1)).flatten()  # (H * W,)
-    shape = (routed.shape[0], regions, regions)
-    if dtype is None:
-        allowed = torch.zeros(shape, dtype=torch.bool, device=routed.device)
-        allowed.scatter_(2, routed, torch.ones_like(routed, dtype=torch.bool))  # a Tensor source traces with jit
-    else:
-        allowed = torch.full(shape, float('-inf'), dtype=dtype, device=routed.device)
-        allowed.scatter_(2, routed, torch.zeros_like(routed, dtype=dtype))
+    # (value elsewhere, value where routed): False/True as a boolean mask, -inf/0 as an additive one
+    blocked, kept = (0., 1.) if dtype is None else (float('-inf'), 0.)
+    dtype = torch.bool if dtype is None else dtype
+    allowed = torch.full((routed.shape[0], regions, regions), blocked, dtype=dtype, device=routed.device)
+    allowed.scatter_(2, routed, torch.full_like(routed, kept, dtype=dtype))  # a Tensor source traces with jit
     return allowed.index_select(1, token_region).index_select(2, token_region).unsqueeze(1)
 
 
