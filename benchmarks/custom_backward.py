@@ -10,6 +10,8 @@
   ``lsda.explicit_attention``, what the layer runs there.
 - CrossFormer's large stem kernels (16 and 32, stride 4, batch 8 of 224x224 images) forward + weight gradient:
   ``nn.Conv2d`` (oneDNN's strided weight gradient) against ``StridedConv2d`` (the space-to-depth weight gradient).
+- BiFormer's 5x5 LePE depthwise conv at BiFormer-S's four stage shapes (batch 8, 224 input, channels-last maps)
+  forward + weight gradient: ``nn.Conv2d`` against ``DepthwiseConv2d`` (two 3-wide weight gradients).
 
 Rounds alternate the two variants (``bench.round_robin``); medians in ms. These are layers in a warm cache: inside
 a model, where the tensors are cold, they take longer (see README, "Speed and memory on CPU").
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from biformer_zoo.bench import round_robin
 from biformer_zoo.layers import bra, lsda
-from biformer_zoo.layers.embed import StridedConv2d
+from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
 
 
 def _median_ms(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
@@ -82,6 +84,20 @@ def stem_rows(rounds: int):
         yield f'stem conv fwd+weight grad, 3->{channels}, kernel {kernel}, stride 4', t['plain'], t['fast']
 
 
+def depthwise_rows(rounds: int):
+    for size, channels in [(56, 64), (28, 128), (14, 256), (7, 512)]:
+        fast = DepthwiseConv2d(channels, 5)
+        plain = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+        plain.load_state_dict(fast.state_dict())
+        x = torch.randn(8, size, size, channels).permute(0, 3, 1, 2)  # (B, C, H, W) view of a (B, H, W, C) map
+
+        def step(conv: nn.Conv2d):
+            return torch.autograd.grad(conv(x).sum(), conv.weight)
+
+        t = _median_ms({'plain': lambda: step(plain), 'fast': lambda: step(fast)}, rounds)
+        yield f'LePE depthwise 5x5 fwd+weight grad, 8x{size}x{size}x{channels}', t['plain'], t['fast']
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
@@ -91,7 +107,8 @@ def main() -> None:
     print(f'torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds')
     print('| layer, forward + backward | plain ms | zoo ms | zoo / plain |')
     print('|---|---|---|---|')
-    for rows in (routed_rows(args.rounds), attention_rows(args.rounds), stem_rows(args.rounds)):
+    for rows in (routed_rows(args.rounds), attention_rows(args.rounds), stem_rows(args.rounds),
+                 depthwise_rows(args.rounds)):
         for label, before, after in rows:
             print(f'| {label} | {before:.2f} | {after:.2f} | {after / before:.2f}x |', flush=True)
 

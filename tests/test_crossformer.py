@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import biformer_zoo  # noqa: F401
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from biformer_zoo.layers.embed import StridedConv2d
+from biformer_zoo.layers.conv import StridedConv2d
 from biformer_zoo.layers.lsda import group_layout
 from biformer_zoo.models.crossformer import _OFFICIAL_BUFFERS, _map_official_key
 from official_layouts import official_layout, save_official_checkpoint
@@ -211,40 +211,11 @@ def test_cross_scale_merge_pads_odd_sides(size, expected):
     assert merge(torch.randn(1, 16, *size)).shape == (1, 32, *expected)
 
 
-@pytest.mark.parametrize('in_chans,kernel,stride,size,input_grad', [
-    (3, 32, 4, (64, 80), False), (3, 16, 4, (67, 45), True), (5, 8, 2, (33, 30), True)])
-def test_strided_conv_gradients_equal_plain_conv(in_chans, kernel, stride, size, input_grad):
-    """The space-to-depth weight gradient of the large stem kernels against autograd through F.conv2d, float64."""
-    conv = StridedConv2d(in_chans, 6, kernel, stride=stride, padding=(kernel - stride) // 2).double()
-    assert conv.space_to_depth
-    x = torch.randn(2, in_chans, *size, dtype=torch.float64, requires_grad=input_grad)
-    out = conv(x)
-    assert out.grad_fn is not None and 'LargeKernelConv' in type(out.grad_fn).__name__
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    reference = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=(kernel - stride) // 2)
-    inputs = [conv.weight, conv.bias] + ([x] if input_grad else [])
-    expected = torch.autograd.grad(reference, inputs, grad)
-    torch.testing.assert_close(out, reference, rtol=0, atol=0)
-    for got, want in zip([conv.weight.grad, conv.bias.grad] + ([x.grad] if input_grad else []), expected):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-
-
-def test_strided_conv_works_under_torch_func_grad():
-    """torch.func transforms need the Function's setup_context; the gradients equal autograd's."""
-    conv = StridedConv2d(3, 4, 16, stride=4, padding=6).double()
-    x = torch.randn(1, 3, 32, 40, dtype=torch.float64)
-    params = {name: p.detach() for name, p in conv.named_parameters()}
-    grads = torch.func.grad(lambda p: torch.func.functional_call(conv, p, (x,)).square().sum())(params)
-    expected = torch.autograd.grad(conv(x).square().sum(), [conv.weight, conv.bias])
-    torch.testing.assert_close([grads['weight'], grads['bias']], list(expected))
-
-
 def test_cross_scale_embed_uses_space_to_depth_for_large_kernels_only():
     embed = CrossScaleEmbed(3, 96, (4, 8, 16, 32), stride=4)
     merge = CrossScaleMerge(16, 32, (2, 4))
-    assert [p.space_to_depth for p in embed.projs] == [False, False, True, True]
-    assert not any(p.space_to_depth for p in merge.reductions)
+    assert [p.uses_weight_grad for p in embed.projs] == [False, False, True, True]
+    assert not any(p.uses_weight_grad for p in merge.reductions)
 
 
 def test_cross_scale_channels_must_split():

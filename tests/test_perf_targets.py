@@ -66,5 +66,8 @@ def test_custom_backward_benchmark_times_both_variants() -> None:
     assert len(attention) == 4
     stem = list(module.stem_rows(rounds=1))
     assert [label.split(',')[-2].strip() for label, _, _ in stem] == ['kernel 16', 'kernel 32']
+    depthwise = list(module.depthwise_rows(rounds=1))
+    assert [label.split(',')[-1].strip() for label, _, _ in depthwise] == [
+        '8x56x56x64', '8x28x28x128', '8x14x14x256', '8x7x7x512']
     assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
-               for _, before, after in rows + attention + stem)
+               for _, before, after in rows + attention + stem + depthwise)

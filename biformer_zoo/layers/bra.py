@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .conv import DepthwiseConv2d
+
 __all__ = [
     'BiLevelRoutingAttention', 'AttentionLePE', 'route_regions', 'routed_attention', 'routing_mask', 'count_routed']
 
@@ -250,7 +252,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.dense_max_tokens = 1024
 
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        self.lepe = DepthwiseConv2d(dim, side_dwconv) if side_dwconv > 0 else None
         self.proj = nn.Linear(dim, dim)
 
     def extra_repr(self) -> str:
@@ -379,7 +381,7 @@ class AttentionLePE(nn.Module):
         self.lepe_on_value = lepe_on_value
         self.channels_last = channels_last
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv > 0 else None
+        self.lepe = DepthwiseConv2d(dim, side_dwconv) if side_dwconv > 0 else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,17 @@ Every kernel ``k`` gets padding ``(k - stride) // 2``, so all branches give the 
 output and are concatenated along channels. Small kernels get more channels: with ``n`` kernels, kernel ``i``
 gets ``out_chans / 2**(i+1)`` channels and the last one the remainder ``out_chans / 2**(n-1)``.
 
-On CPU the weight gradient of the large stem kernels (16 and 32 at stride 4) is computed as a stride-1 conv over
-the space-to-depth input (``pixel_unshuffle`` by the stride); the same sums, about 4x (kernel 16) and 7x (kernel 32)
-faster than oneDNN's strided weight gradient. The forward is the plain conv.
+The branches are ``StridedConv2d`` (``conv.py``): on CPU the weight gradient of the large stem kernels (16 and 32 at
+stride 4) goes through space-to-depth input, several times faster than oneDNN's strided weight gradient.
 """
-from typing import Any, List, Optional, Sequence, Tuple, Type
+from typing import List, Sequence, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_function, register_notrace_module
+from timm.layers import register_notrace_function
+
+from .conv import StridedConv2d
 
 __all__ = ['CrossScaleEmbed', 'CrossScaleMerge', 'cross_scale_channels']
 
@@ -28,83 +29,6 @@ def cross_scale_channels(out_chans: int, num_kernels: int) -> List[int]:
             f'out_chans ({out_chans}) cannot be split over {num_kernels} kernels as {chans}; '
             f'use a multiple of {2 ** (num_kernels - 1)}')
     return chans
-
-
-def space_to_depth_weight_grad(
-        x: torch.Tensor,
-        grad_out: torch.Tensor,
-        weight: torch.Tensor,
-        stride: int,
-        padding: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias gradients of ``F.conv2d(x, weight, stride=stride, padding=padding)``, kernel a multiple of
-    the stride, as those of a stride-1 conv over ``pixel_unshuffle(pad(x), stride)`` with the kernel regrouped the
-    same way."""
-    out_chans, in_chans, k = weight.shape[0], weight.shape[1], weight.shape[2]
-    blocks = k // stride
-    x = F.pad(x, (padding, padding, padding, padding))
-    # rows/columns past the last full stride block are never read by the strided conv
-    x = x[:, :, :x.shape[2] // stride * stride, :x.shape[3] // stride * stride]
-    x = F.pixel_unshuffle(x, stride)  # (B, in_chans * stride**2, H / stride, W / stride)
-    # kernel (o, c, blocks * stride + dy, blocks * stride + dx) -> (o, c * stride**2 + dy * stride + dx, blocks, blocks)
-    regrouped = weight.view(out_chans, in_chans, blocks, stride, blocks, stride).permute(0, 1, 3, 5, 2, 4)
-    regrouped = regrouped.reshape(out_chans, in_chans * stride * stride, blocks, blocks)
-    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_out, x, regrouped, [out_chans], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
-    grad_weight = grad_weight.view(out_chans, in_chans, stride, stride, blocks, blocks)
-    return grad_weight.permute(0, 1, 4, 2, 5, 3).reshape(weight.shape), grad_bias
-
-
-class _LargeKernelConv(torch.autograd.Function):
-    """Strided conv whose weight gradient goes through ``space_to_depth_weight_grad``."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
-                padding: int) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, stride=stride, padding=padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs: Tuple, output: torch.Tensor) -> None:  # separate, so torch.func transforms work
-        x, weight, bias, stride, padding = inputs
-        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
-        ctx.save_for_backward(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        dtype = grad_out.dtype  # under autocast the conv ran in a lower precision than its inputs
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(
-                x.shape, weight.to(dtype), grad_out, stride=ctx.stride, padding=ctx.padding).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight, grad_bias = space_to_depth_weight_grad(
-                x.to(dtype), grad_out, weight.to(dtype), ctx.stride, ctx.padding)
-            grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None
-
-
-@register_notrace_module
-class StridedConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and forward) whose CPU weight gradient is computed on space-to-depth input
-    where the kernel spans at least ``4 x stride`` (see the module doc)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        k, s, p = self.kernel_size, self.stride, self.padding
-        self.space_to_depth = (
-            isinstance(p, tuple) and k[0] == k[1] and s[0] == s[1] > 1 and p[0] == p[1] and k[0] % s[0] == 0
-            and k[0] >= 4 * s[0] and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == 'zeros')
-
-    @torch.jit.unused
-    def _conv_autograd(self, x: torch.Tensor) -> torch.Tensor:
-        return _LargeKernelConv.apply(x, self.weight, self.bias, self.stride[0], self.padding[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if self.space_to_depth and x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad:
-                return self._conv_autograd(x)
-        return self._conv_forward(x, self.weight, self.bias)
 
 
 def _multi_kernel_convs(in_chans: int, out_chans: int, kernel_sizes: Sequence[int], stride: int) -> nn.ModuleList:
