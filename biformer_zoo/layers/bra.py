@@ -289,10 +289,12 @@ class BiLevelRoutingAttention(nn.Module):
         if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
             out = self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp, dtype=q.dtype))
         else:
-            out = self._gathered_attention(q, k, v, routed)
+            out = self._gathered_attention(q, k, v, routed)  # (B, n, rh, n, rw, dim), region-major memory
         if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.proj(out)
+            # the LePE map (contiguous, row-major) goes first: the sum comes out row-major like it, so adding also
+            # puts the gathered path's region-major output back in order, without a copy of its own
+            out = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).view(out.shape) + out
+        out = self.proj(out.reshape(B, Hp, Wp, self.dim))
         if pad_b > 0 or pad_r > 0:
             out = out[:, :H, :W].contiguous()
         if not self.channels_last:
@@ -312,7 +314,8 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _gathered_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """Every region's queries over the gathered tokens of its routed regions; (B, Hp, Wp, *) -> (B, Hp, Wp, dim)."""
+        """Every region's queries over the gathered tokens of its routed regions; (B, Hp, Wp, *) -> (B, n, rh, n, rw, dim),
+        a view whose memory is in region order."""
         B, Hp, Wp, _ = v.shape
         n = self.num_regions
         rh, rw = Hp // n, Wp // n
@@ -330,8 +333,8 @@ class BiLevelRoutingAttention(nn.Module):
             out = routed_attention(q, k, v, q_index, kv_index, self.num_heads, self.scale)
         else:
             out = self._routed_attention_autograd(q, k, v, q_index, kv_index)
-        # (B * regions, heads, tokens, d) -> (B, Hp, Wp, dim)
-        return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3).reshape(B, Hp, Wp, self.dim)
+        # (B * regions, heads, tokens, d) -> (B, n, rh, n, rw, dim)
+        return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3)
 
 
 @contextmanager
