@@ -72,14 +72,16 @@ def test_bra_nchw_equals_channels_last():
         torch.testing.assert_close(nchw(x), nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize('topk', [1, 2])
 @pytest.mark.parametrize('backward', ['flash', 'explicit'])
 @pytest.mark.parametrize('path', PATHS)
-def test_bra_gradients_equal_reference(path, backward, monkeypatch):
-    """Both backwards of the routed attention: CPU flash (the default on CPU) and explicit (used off CPU)."""
+def test_bra_gradients_equal_reference(path, backward, topk, monkeypatch):
+    """Both backwards of the routed attention: CPU flash (the default on CPU) and explicit (used off CPU); topk=1
+    keeps the gathered tokens for backward, larger topk gathers again."""
     if backward == 'explicit':
         monkeypatch.setattr(bra, '_flash_backward', None)
     torch.manual_seed(0)
-    layer = bra_on_path(path, 16, num_heads=2, num_regions=2, topk=2, channels_last=True).double()
+    layer = bra_on_path(path, 16, num_heads=2, num_regions=2, topk=topk, channels_last=True).double()
     x = torch.randn(1, 6, 5, 16, dtype=torch.float64, requires_grad=True)
     inputs = (x, *layer.parameters())
     g_fast = torch.autograd.grad(layer(x).square().sum(), inputs)

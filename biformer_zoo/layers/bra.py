@@ -94,6 +94,12 @@ _flash_forward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_fo
 _flash_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
 
 
+def _gather_heads(rows: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows ``index`` (regions, tokens) of ``rows`` (B * H * W, C) as (regions, heads, tokens, C / heads)."""
+    regions, tokens = index.shape[0], index.shape[1]  # -1 fails on empty batches
+    return rows.index_select(0, index.flatten()).view(regions, tokens, heads, rows.shape[1] // heads).transpose(1, 2)
+
+
 def _gather_qkv(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -103,11 +109,7 @@ def _gather_qkv(
         heads: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries of each region and keys/values of its routed regions, each (B * regions, heads, tokens, d)."""
-    regions, q_tokens, kv_tokens = q_index.shape[0], q_index.shape[1], kv_index.shape[1]  # -1 fails on empty batches
-    q = q.index_select(0, q_index.flatten()).view(regions, q_tokens, heads, q.shape[1] // heads)
-    k = k.index_select(0, kv_index.flatten()).view(regions, kv_tokens, heads, k.shape[1] // heads)
-    v = v.index_select(0, kv_index.flatten()).view(regions, kv_tokens, heads, v.shape[1] // heads)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return _gather_heads(q, q_index, heads), _gather_heads(k, kv_index, heads), _gather_heads(v, kv_index, heads)
 
 
 def routed_attention(
@@ -156,8 +158,9 @@ class _RoutedAttention(torch.autograd.Function):
     """``routed_attention`` that saves only the projected tokens (and on CPU the output) for backward.
 
     Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
-    Here backward gathers them again, runs the attention backward and sums the gradients of repeated keys/values
-    back into their tokens (``index_add_`` on CPU, an accumulating ``index_put_`` elsewhere; both deterministic).
+    Here backward gathers them again (with ``topk=1`` only the values: the gathered queries and keys are kept), runs
+    the attention backward and sums the gradients of repeated keys/values back into their tokens (``index_add_`` on
+    CPU, an accumulating ``index_put_`` elsewhere; both deterministic).
     On CPU, forward and backward call the flash-attention kernels directly, so backward reuses the forward's output
     and log-sum-exp instead of recomputing the probabilities.
     """
@@ -165,20 +168,29 @@ class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
                 kv_index: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-        ctx.heads, ctx.scale = heads, scale
+        ctx.heads, ctx.scale, ctx.rows_shapes = heads, scale, (q.shape, k.shape, v.shape)
         ctx.flash = q.device.type == 'cpu' and _flash_backward is not None and _flash_forward is not None
         if not ctx.flash:
             ctx.save_for_backward(q, k, v, q_index, kv_index)
             return routed_attention(q, k, v, q_index, kv_index, heads, scale)
-        out, lse = _flash_forward(*_gather_qkv(q, k, v, q_index, kv_index, heads), scale=scale)
+        q_routed, k_routed, v_routed = _gather_qkv(q, k, v, q_index, kv_index, heads)
+        out, lse = _flash_forward(q_routed, k_routed, v_routed, scale=scale)
+        # with one routed region per query region (topk=1) the gathered queries and keys are no larger than the
+        # tokens: keep them instead, so that backward only gathers the values (whose rows LePE keeps anyway)
+        ctx.keep_gathered = kv_index.shape[1] == q_index.shape[1]
+        if ctx.keep_gathered:
+            q, k = q_routed, k_routed
         ctx.save_for_backward(q, k, v, q_index, kv_index, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
-        q_rows, k_rows, v_rows, q_index, kv_index = saved[:5]
-        q, k, v = _gather_qkv(q_rows, k_rows, v_rows, q_index, kv_index, ctx.heads)
+        q, k, v, q_index, kv_index = saved[:5]
+        if ctx.flash and ctx.keep_gathered:
+            v = _gather_heads(v, kv_index, ctx.heads)
+        else:
+            q, k, v = _gather_qkv(q, k, v, q_index, kv_index, ctx.heads)
         if ctx.flash:
             out, lse = saved[5:]
             grad_q, grad_k, grad_v = _flash_backward(grad_out, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
@@ -190,13 +202,14 @@ class _RoutedAttention(torch.autograd.Function):
             return grad.transpose(1, 2).flatten(2).flatten(0, 1)
 
         # every token is the query of exactly one region; routed keys/values repeat, so they accumulate
-        grad_q_rows = torch.empty_like(q_rows).index_copy_(0, q_rows_index, rows(grad_q))
-        if q_rows.device.type == 'cpu':  # parallel and deterministic on CPU (an accumulating index_put_ is serial)
-            grad_k_rows = torch.zeros_like(k_rows).index_add_(0, kv_rows_index, rows(grad_k))
-            grad_v_rows = torch.zeros_like(v_rows).index_add_(0, kv_rows_index, rows(grad_v))
+        q_shape, k_shape, v_shape = ctx.rows_shapes
+        grad_q_rows = grad_q.new_empty(q_shape).index_copy_(0, q_rows_index, rows(grad_q))
+        if grad_q.device.type == 'cpu':  # parallel and deterministic on CPU (an accumulating index_put_ is serial)
+            grad_k_rows = grad_k.new_zeros(k_shape).index_add_(0, kv_rows_index, rows(grad_k))
+            grad_v_rows = grad_v.new_zeros(v_shape).index_add_(0, kv_rows_index, rows(grad_v))
         else:  # deterministic under torch.use_deterministic_algorithms on CUDA
-            grad_k_rows = torch.zeros_like(k_rows).index_put_((kv_rows_index,), rows(grad_k), accumulate=True)
-            grad_v_rows = torch.zeros_like(v_rows).index_put_((kv_rows_index,), rows(grad_v), accumulate=True)
+            grad_k_rows = grad_k.new_zeros(k_shape).index_put_((kv_rows_index,), rows(grad_k), accumulate=True)
+            grad_v_rows = grad_v.new_zeros(v_shape).index_put_((kv_rows_index,), rows(grad_v), accumulate=True)
         return grad_q_rows, grad_k_rows, grad_v_rows, None, None, None, None
 
 
