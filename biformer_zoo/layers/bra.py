@@ -327,8 +327,10 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _gathered_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """Every region's queries over the gathered tokens of its routed regions; (B, Hp, Wp, *) -> (B, n, rh, n, rw, dim),
-        a view whose memory is in region order."""
+        """Every region's queries over the gathered tokens of its routed regions.
+
+        (B, Hp, Wp, *) -> (B, n, rh, n, rw, dim), a view whose memory is in region order.
+        """
         B, Hp, Wp, _ = v.shape
         n = self.num_regions
         rh, rw = Hp // n, Wp // n

@@ -20,7 +20,9 @@ from timm.layers import register_notrace_module
 
 __all__ = ['StridedConv2d', 'DepthwiseConv2d', 'space_to_depth_weight_grad', 'column_split_weight_grad']
 
-WeightGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Tuple[int, int]], Tuple[torch.Tensor, torch.Tensor]]
+# (x, grad_out, weight, stride, padding) -> (weight gradient, bias gradient)
+WeightGrad = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, int, Tuple[int, int]], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def space_to_depth_weight_grad(
@@ -59,8 +61,8 @@ def column_split_weight_grad(
     (kh, 3) weight gradients: kernel columns 0-2 over the map shifted one column right, columns 2-4 over it shifted
     one column left.
 
-    The shifts cost no copies: each row of the map gets one zero column on both sides, and the rows are laid out
-    flat (channels last) with one zero token before and after. Shifting the flat buffer by one token then shifts
+    The map is copied once, into a buffer where each row gets one zero column on both sides and the rows are laid
+    out flat (channels last) with one zero token before and after. Shifting the flat buffer by one token then shifts
     every row by one column and moves only zero columns from row to row, so both shifted maps are views of it.
     """
     B, C, H, W = x.shape
@@ -127,7 +129,8 @@ class _WeightGradConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.uses_weight_grad and x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad:
+            cpu_training = x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad
+            if self.uses_weight_grad and cpu_training:
                 return self._conv_autograd(x)
         return self._conv_forward(x, self.weight, self.bias)
 
