@@ -242,3 +242,19 @@ def test_bra_lepe_uses_the_column_split_weight_gradient():
 def test_depthwise_conv_needs_odd_kernel():
     with pytest.raises(ValueError, match='odd'):
         DepthwiseConv2d(8, 4)
+
+
+@pytest.mark.parametrize('kernel', [3, 5])
+def test_residual_depthwise_conv_equals_input_plus_conv(kernel):
+    """residual=True folds ``x +`` into the kernel centre: same output and gradients, same state dict as nn.Conv2d."""
+    conv = DepthwiseConv2d(6, kernel, residual=True).double()
+    plain = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6).double()
+    assert set(conv.state_dict()) == set(plain.state_dict()) == {'weight', 'bias'}
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, reference = conv(x), x + plain(x)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
+    want = torch.autograd.grad(reference, [x, plain.weight, plain.bias], grad)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

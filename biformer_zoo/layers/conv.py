@@ -114,8 +114,12 @@ class _ConvWeightGrad(torch.autograd.Function):
 
 
 class _WeightGradConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that takes its CPU training weight gradient from ``weight_grad`` where ``uses_weight_grad``."""
+    """``nn.Conv2d`` that takes its CPU training weight gradient from ``weight_grad`` where ``uses_weight_grad``.
+
+    A non-None ``identity`` buffer (the identity kernel) is added to the weight: the conv then also adds its input.
+    """
     uses_weight_grad: bool = False
+    identity: Optional[torch.Tensor]
 
     @staticmethod
     def weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, stride: int,
@@ -123,16 +127,18 @@ class _WeightGradConv2d(nn.Conv2d):
         raise NotImplementedError
 
     @torch.jit.unused
-    def _conv_autograd(self, x: torch.Tensor) -> torch.Tensor:
-        return _ConvWeightGrad.apply(
-            x, self.weight, self.bias, self.stride[0], self.padding, self.groups, self.weight_grad)
+    def _conv_autograd(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _ConvWeightGrad.apply(x, weight, self.bias, self.stride[0], self.padding, self.groups, self.weight_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, identity = self.weight, self.identity
+        if identity is not None:
+            weight = weight + identity
         if not torch.jit.is_scripting():
             cpu_training = x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad
             if self.uses_weight_grad and cpu_training:
-                return self._conv_autograd(x)
-        return self._conv_forward(x, self.weight, self.bias)
+                return self._conv_autograd(x, weight)
+        return self._conv_forward(x, weight, self.bias)
 
 
 @register_notrace_module
@@ -143,6 +149,7 @@ class StridedConv2d(_WeightGradConv2d):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.register_buffer('identity', None, persistent=False)
         k, s, p = self.kernel_size, self.stride, self.padding
         self.uses_weight_grad = (
             isinstance(p, tuple) and k[0] == k[1] and s[0] == s[1] > 1 and p[0] == p[1] and k[0] % s[0] == 0
@@ -158,11 +165,18 @@ class DepthwiseConv2d(_WeightGradConv2d):
         dim: Channels of the input and output.
         kernel_size: Odd kernel side.
         bias: Learn a bias.
+        residual: Return ``x + conv(x)``, computed as one conv with 1 added to the centre of every kernel (an
+            identity kernel buffer, not in the state dict): no separate add, and no gradient sum in backward.
     """
     weight_grad = staticmethod(column_split_weight_grad)
 
-    def __init__(self, dim: int, kernel_size: int, bias: bool = True):
+    def __init__(self, dim: int, kernel_size: int, bias: bool = True, residual: bool = False):
         if kernel_size % 2 == 0:
             raise ValueError(f'kernel_size must be odd for a "same" depthwise conv, got {kernel_size}')
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
         self.uses_weight_grad = kernel_size == 5
+        identity = None
+        if residual:
+            identity = torch.zeros(dim, 1, kernel_size, kernel_size)
+            identity[:, :, kernel_size // 2, kernel_size // 2] = 1.
+        self.register_buffer('identity', identity, persistent=False)

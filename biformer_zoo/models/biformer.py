@@ -24,7 +24,7 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
 from ..hub import prepare_pretrained
-from ..layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp
+from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
 from ._pyramid import PyramidModel, check_pretrained_tag
 
 __all__ = ['BiFormer']
@@ -52,8 +52,8 @@ class BiFormerBlock(nn.Module):
             drop_path: float = 0.,
     ):
         super().__init__()
-        self.pos_embed = nn.Conv2d(
-            dim, dim, pos_embed_kernel, padding=pos_embed_kernel // 2, groups=dim) if pos_embed_kernel > 0 else None
+        # x + dwconv(x) as one conv
+        self.pos_embed = DepthwiseConv2d(dim, pos_embed_kernel, residual=True) if pos_embed_kernel > 0 else None
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if topk is None:
             self.attn = AttentionLePE(
@@ -69,7 +69,7 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
-            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
