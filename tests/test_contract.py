@@ -91,6 +91,23 @@ def test_grad_checkpointing_same_gradients(family):
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_torch_func_grad_equals_autograd(family):
+    """Training gradients through ``torch.func.grad`` (the custom autograd Functions included) equal autograd's."""
+    torch.manual_seed(0)
+    model = build(family, 'heavy', num_classes=4).train()
+    x = torch.randn(*FAMILIES[family]['grad_input'])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())  # passed as copies: BatchNorm updates its statistics in training
+
+    def loss(p: dict) -> torch.Tensor:
+        return torch.func.functional_call(model, (p, {n: b.clone() for n, b in buffers.items()}), (x,)).sum()
+
+    grads = torch.func.grad(loss)(params)
+    expected = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    for (n, got), want in zip(grads.items(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_group_matcher_covers_all_params(family):
     from timm.models import group_parameters
     model = build(family, 'heavy')

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention
+from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp
 from biformer_zoo.layers import bra
 from biformer_zoo.layers.bra import count_routed
 from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
@@ -89,6 +89,28 @@ def test_bra_gradients_equal_reference(path, backward, topk, monkeypatch):
     torch.testing.assert_close(g_fast, g_ref)
 
 
+@pytest.mark.parametrize('topk', [1, 2])
+@pytest.mark.parametrize('backward', ['flash', 'explicit'])
+def test_bra_and_mlp_work_under_torch_func_grad(backward, topk, monkeypatch):
+    """torch.func transforms need the autograd Functions in setup_context form; the gradients equal autograd's."""
+    if backward == 'explicit':
+        monkeypatch.setattr(bra, '_flash_backward', None)
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(
+        bra_on_path('gather', 16, num_heads=2, num_regions=2, topk=topk, channels_last=True),
+        RecomputeGeluMlp(16, 32)).double()
+    x = torch.randn(1, 6, 5, 16, dtype=torch.float64)
+    params = {name: p.detach() for name, p in block.named_parameters()}
+
+    def loss(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(block, p, (x,)).square().sum()
+
+    grads, grad_x = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    x.requires_grad_()
+    expected = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close([grad_x, *grads.values()], list(expected))
+
+
 def test_bra_picks_dense_only_where_routing_keeps_many_regions(monkeypatch):
     """Default choice: masked dense when it scores at most 4x the routed pairs on a small map; count_routed
     forces the gather path (what FLOP counts describe) and restores the layer's settings."""
@@ -150,7 +172,6 @@ def test_recompute_gelu_mlp_equals_timm_mlp():
     """Same parameters as timm's Mlp, same output and gradients (float64), with only the GELU input saved."""
     from timm.layers import Mlp
 
-    from biformer_zoo.layers import RecomputeGeluMlp
     torch.manual_seed(0)
     plain, recompute = Mlp(16, 48).double(), RecomputeGeluMlp(16, 48).double()
     recompute.load_state_dict(plain.state_dict())
@@ -166,7 +187,6 @@ def test_recompute_gelu_mlp_equals_timm_mlp():
 def test_recompute_gelu_mlp_under_bf16_autocast_matches_timm_mlp():
     from timm.layers import Mlp
 
-    from biformer_zoo.layers import RecomputeGeluMlp
     torch.manual_seed(0)
     plain, recompute = Mlp(16, 48), RecomputeGeluMlp(16, 48)
     recompute.load_state_dict(plain.state_dict())

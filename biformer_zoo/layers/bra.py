@@ -163,28 +163,48 @@ class _RoutedAttention(torch.autograd.Function):
     CPU, an accumulating ``index_put_`` elsewhere; both deterministic).
     On CPU, forward and backward call the flash-attention kernels directly, so backward reuses the forward's output
     and log-sum-exp instead of recomputing the probabilities.
+
+    ``forward`` returns the attention output followed by the intermediates backward needs (non-differentiable), and
+    ``setup_context`` saves them: the form ``torch.func`` transforms require. Callers use ``apply(...)[0]``.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
-                kv_index: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-        ctx.heads, ctx.scale, ctx.rows_shapes = heads, scale, (q.shape, k.shape, v.shape)
-        ctx.flash = q.device.type == 'cpu' and _flash_backward is not None and _flash_forward is not None
-        if not ctx.flash:
-            ctx.save_for_backward(q, k, v, q_index, kv_index)
-            return routed_attention(q, k, v, q_index, kv_index, heads, scale)
-        q_routed, k_routed, v_routed = _gather_qkv(q, k, v, q_index, kv_index, heads)
-        out, lse = _flash_forward(q_routed, k_routed, v_routed, scale=scale)
-        # with one routed region per query region (topk=1) the gathered queries and keys are no larger than the
-        # tokens: keep them instead, so that backward only gathers the values (whose rows LePE keeps anyway)
-        ctx.keep_gathered = kv_index.shape[1] == q_index.shape[1]
-        if ctx.keep_gathered:
-            q, k = q_routed, k_routed
-        ctx.save_for_backward(q, k, v, q_index, kv_index, out, lse)
-        return out
+    def _uses_flash(q: torch.Tensor) -> bool:
+        return q.device.type == 'cpu' and _flash_backward is not None and _flash_forward is not None
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def _keeps_gathered(q_index: torch.Tensor, kv_index: torch.Tensor) -> bool:
+        # with one routed region per query region (topk=1) the gathered queries and keys are no larger than the
+        # tokens: keep them instead, so that backward only gathers the values (whose rows LePE keeps anyway)
+        return kv_index.shape[1] == q_index.shape[1]
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor,
+                heads: int, scale: float) -> Tuple[torch.Tensor, ...]:
+        if not _RoutedAttention._uses_flash(q):
+            return (routed_attention(q, k, v, q_index, kv_index, heads, scale),)
+        q_routed, k_routed, v_routed = _gather_qkv(q, k, v, q_index, kv_index, heads)
+        out, lse = _flash_forward(q_routed, k_routed, v_routed, scale=scale)
+        if _RoutedAttention._keeps_gathered(q_index, kv_index):
+            return out, lse, q_routed, k_routed
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, ...]) -> None:
+        q, k, v, q_index, kv_index, heads, scale = inputs
+        ctx.heads, ctx.scale, ctx.rows_shapes = heads, scale, (q.shape, k.shape, v.shape)
+        ctx.flash = len(output) > 1
+        ctx.keep_gathered = len(output) > 2
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        if ctx.keep_gathered:
+            q, k = output[2:]
+        ctx.save_for_backward(q, k, v, q_index, kv_index, *(output[:2] if ctx.flash else ()))
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[torch.Tensor], *unused: Optional[torch.Tensor]):
+        if grad_out is None:  # only non-differentiable outputs were used
+            return None, None, None, None, None, None, None
         saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
         q, k, v, q_index, kv_index = saved[:5]
         if ctx.flash and ctx.keep_gathered:
@@ -274,7 +294,7 @@ class BiLevelRoutingAttention(nn.Module):
     @torch.jit.unused
     def _routed_attention_autograd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
                                    kv_index: torch.Tensor) -> torch.Tensor:
-        return _RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)
+        return _RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last:

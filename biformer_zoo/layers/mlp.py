@@ -5,7 +5,7 @@ weight gradient): ``2 * hidden`` values per token, the largest activations of a 
 GELU input only and recomputes the GELU in backward, an elementwise op, so the saved MLP activations halve for a few
 percent more work. Parameters and their names (``fc1``, ``fc2``) are those of timm's ``Mlp``.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,10 +19,14 @@ class _GeluLinear(torch.autograd.Function):
     """``F.linear(F.gelu(hidden), weight, bias)`` saving ``hidden`` instead of the GELU output."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(F.gelu(hidden), weight, bias)  # under autocast: the same casts as an nn.Linear
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple, output: torch.Tensor) -> None:  # separate, so torch.func transforms work
+        hidden, weight, bias = inputs
         ctx.save_for_backward(hidden, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(F.gelu(hidden), weight, bias)  # under autocast: the same casts as an nn.Linear
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
