@@ -281,7 +281,8 @@ def benchmark(
                     model_kwargs=dict(model_kwargs or {}))
     return BenchReport(
         results=results, baseline=baseline, settings=settings, machine=machine, memory_method=memory_method,
-        command=reproduce_command([n for n in names if n != baseline], settings, baseline))
+        # the baseline is listed too when it was the only model: a command without names benches every zoo model
+        command=reproduce_command([n for n in names if n != baseline] or list(names), settings, baseline))
 
 
 def bench_tables(report: BenchReport) -> List[TextTable]:

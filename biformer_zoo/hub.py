@@ -66,11 +66,11 @@ def find_manifest_entry(
         tag: Optional[str] = None,
         hf_hub_id: Optional[str] = None,
 ) -> Optional[Dict[str, Any]]:
-    """The manifest entry matching every given field, or None."""
+    """The manifest entry matching every given field, or None; Hub ids match by repo, whatever their revision."""
     for entry in manifest_entries():
         if ((architecture is None or entry['architecture'] == architecture)
                 and (tag is None or entry['tag'] == tag)
-                and (hf_hub_id is None or entry['hf_hub_id'] == hf_hub_id)):
+                and (hf_hub_id is None or _split_hub_id(entry['hf_hub_id'])[0] == _split_hub_id(hf_hub_id)[0])):
             return entry
     return None
 
@@ -146,6 +146,8 @@ def read_safetensors_header(path: PathLike) -> Tuple[Dict[str, Dict[str, Any]], 
     try:
         table = json.loads(raw.decode('utf-8'))
         metadata = table.pop('__metadata__', None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f'__metadata__ must map strings to strings, got {str(metadata)[:80]}')
         data_end = max((int(t['data_offsets'][1]) for t in table.values()), default=0)
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise ValueError(f'its header is not a valid safetensors header ({type(e).__name__}: {e})') from None
@@ -350,15 +352,20 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
     entry = find_manifest_entry(hf_hub_id=_split_hub_id(cfg.hf_hub_id)[0]) if cfg.hf_hub_id else None
     tag = cfg.tag or (entry or {}).get('tag')
     if cfg.file and cfg.source != 'hf-hub':
-        if str(cfg.file).endswith('.safetensors'):
-            command = _convert_command(variant, tag, find_manifest_entry(variant, tag))
-            check_weights_file(cfg.file, variant, tag, where=' (pretrained_cfg_overlay file)',
-                               remedy=f'Convert the official checkpoint again: `{command}`.')
-        return kwargs
+        return _prepare_local_file(variant, tag, str(cfg.file), kwargs, overlay)
     if not cfg.hf_hub_id:
         return kwargs  # a plain URL, or no weights at all: timm's own loader reports it
     filename = cfg.hf_hub_filename or WEIGHTS_FILE
     path = download_weights(variant, tag, cfg.hf_hub_id, filename, entry, kwargs.get('cache_dir'))
+    if entry is not None and not entry.get('sha256'):
+        # found in the cache or in a repo this version of the package has no checksum for: refuse to trust it
+        model_tag = f'{variant}.{tag}' if tag else variant
+        raise PretrainedWeightsError(
+            f"{model_tag}: the weights manifest of this biformer-zoo version records no sha256 for the Hub repo "
+            f"'{cfg.hf_hub_id}' (status '{entry['status']}': not published by biformer-zoo yet), so the file found "
+            f"there ({path}) cannot be verified and is not loaded. If a newer biformer-zoo publishes these weights, "
+            f"upgrade it. {_convert_hint(variant, tag, entry)} A file you trust loads with "
+            f"pretrained_cfg_overlay=dict(file=...).")
     if filename.endswith('.safetensors'):
         check_weights_file(
             path, variant, tag, entry, where=f" (Hub repo '{cfg.hf_hub_id}', file {filename})",
@@ -367,6 +374,40 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
     if cfg.source == 'hf-hub':
         overlay['source'] = None  # so timm takes the checked file instead of downloading again
     return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def _prepare_local_file(
+        variant: str, tag: Optional[str], file: str, kwargs: Dict[str, Any], overlay: Dict[str, Any]) -> Dict[str, Any]:
+    """Check a user-given weights file: ``.safetensors`` as a converted file; anything else is loaded here with
+    :func:`load_official_checkpoint` (``weights_only=True``, the same files ``convert`` accepts) and handed to timm
+    as a state dict, EMA weights first as timm's own file loader does."""
+    model_tag = f'{variant}.{tag}' if tag else variant
+    command = _convert_command(variant, tag, find_manifest_entry(variant, tag))
+    if not os.path.isfile(file):
+        problem = 'is a directory' if os.path.isdir(file) else 'does not exist'
+        raise PretrainedWeightsError(
+            f"{model_tag}: the pretrained weights file {file} (pretrained_cfg_overlay file) {problem}. Pass the path "
+            f"of a converted model.safetensors (`{command}`) or of an official .pth checkpoint.")
+    if file.endswith('.safetensors'):
+        check_weights_file(file, variant, tag, where=' (pretrained_cfg_overlay file)',
+                           remedy=f'Convert the official checkpoint again: `{command}`.')
+        return kwargs
+    try:
+        state_dict = load_official_checkpoint(file, prefer_ema=True)
+    except ValueError as e:
+        raise PretrainedWeightsError(f'{model_tag}: cannot use the pretrained_cfg_overlay file: {e}') from None
+    overlay.update(state_dict=state_dict, file=None)
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def release_loaded_state_dict(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop the state dict :func:`prepare_pretrained` handed to timm from the model's pretrained cfg once loaded
+    (timm keeps the cfg on the model, which would hold a second copy of the weights)."""
+    for module in (model, getattr(model, 'model', None)):  # features_only wrappers keep the cfg on both
+        cfg = getattr(module, 'pretrained_cfg', None)
+        if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+            cfg['state_dict'] = None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -436,10 +477,11 @@ def _step(description: str, enabled: bool) -> Iterator[None]:
     print(f'done: {description} ({time.perf_counter() - start:.1f} s)', file=sys.stderr)
 
 
-def _state_dict_of(checkpoint: Any, path: PathLike) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside an official checkpoint (under 'model' or 'state_dict', or the checkpoint itself)."""
+def _state_dict_of(checkpoint: Any, path: PathLike, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside an official checkpoint (under 'model' or 'state_dict', or the checkpoint itself);
+    with ``prefer_ema`` EMA weights ('state_dict_ema', 'model_ema') first, as timm's ``load_state_dict`` does."""
     if isinstance(checkpoint, dict):
-        for key in ('model', 'state_dict'):
+        for key in ('state_dict_ema', 'model_ema', 'model', 'state_dict')[0 if prefer_ema else 2:]:
             if isinstance(checkpoint.get(key), dict):
                 checkpoint = checkpoint[key]
                 break
@@ -453,35 +495,44 @@ def _state_dict_of(checkpoint: Any, path: PathLike) -> Dict[str, torch.Tensor]:
     return dict(checkpoint)
 
 
-def load_official_checkpoint(path: PathLike) -> Dict[str, torch.Tensor]:
+def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The state dict of an official ``.pth`` checkpoint, loaded with ``torch.load(weights_only=True)``.
 
-    Training metadata that runs no code (``argparse.Namespace`` args) is allowed; a pickle that needs any other code
-    is refused with a ``ValueError`` naming the classes it asks for.
+    Training metadata that runs no code (``argparse.Namespace`` args, paths) is allowed; a pickle that needs any
+    other code is refused with a ``ValueError`` naming the classes it asks for, and a damaged file with a
+    ``ValueError`` saying so. ``.safetensors`` files are read as they are.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f'checkpoint {path} does not exist; pass the path of the downloaded official .pth file')
+        problem = 'is a directory' if path.is_dir() else 'does not exist'
+        raise ValueError(f'checkpoint {path} {problem}; pass the path of the downloaded official .pth file')
+    damaged = (f'{path} is not a readable checkpoint ({{}}); the download may be corrupt or truncated, download it '
+               f'again')
     if path.suffix == '.safetensors':
+        try:
+            read_safetensors_header(path)
+        except ValueError as e:
+            raise ValueError(damaged.format(e)) from None
         import safetensors.torch
-        return _state_dict_of(safetensors.torch.load_file(str(path)), path)
+        return _state_dict_of(safetensors.torch.load_file(str(path)), path, prefer_ema)
     try:
         with torch.serialization.safe_globals(_SAFE_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        try:
-            needed = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or str(e)
-        except Exception:  # not a zip checkpoint: fall back to torch's own message
-            needed = str(e).splitlines()[0]
+        try:  # names the classes only for a readable zip checkpoint; anything else is damaged
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            needed = []
+        if not needed:  # torch's own message here is about weights_only, which would mislead
+            raise ValueError(damaged.format('it does not unpickle as a checkpoint')) from None
         raise ValueError(
-            f'{path} needs code to unpickle ({needed}); biformer-zoo loads checkpoints only with '
+            f"{path} needs code to unpickle ({', '.join(needed)}); biformer-zoo loads checkpoints only with "
             f'torch.load(weights_only=True), so it refuses this file. If you trust it, save just its weights and '
             f'convert those: python -c "import torch; c = torch.load(\'{path}\', weights_only=False); '
             f'torch.save(c.get(\'model\', c), \'{path.stem}_weights.pth\')"') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); the download may '
-                         f'be corrupt or truncated, download it again') from None
-    return _state_dict_of(checkpoint, path)
+    except Exception as e:  # weights_only unpickling runs no code: any other failure means a damaged file
+        raise ValueError(damaged.format(f'{type(e).__name__}: {e}')) from None
+    return _state_dict_of(checkpoint, path, prefer_ema)
 
 
 def _checkpoint_filter(model: torch.nn.Module) -> Callable[[Dict[str, torch.Tensor], torch.nn.Module], Dict]:
@@ -599,19 +650,25 @@ The official weights are released by the authors under the {entry['license'].upp
     return card
 
 
-def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None) -> str:
-    """Upload a converted folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
-
-    The token comes from ``token``, else the environment (``HF_TOKEN``) or ``hf auth login``.
-    """
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+def _hub_token(folder: PathLike, repo_id: str, token: Optional[str] = None) -> str:
+    """``token``, else the one in the environment or from ``hf auth login``; an error that says how to set one."""
+    from huggingface_hub import get_token
     token = token or get_token()
     if not token:
         raise PretrainedWeightsError(
             f"uploading {folder} to the Hub repo '{repo_id}' needs a Hugging Face token with write access; none is "
             f"set. Set HF_TOKEN=hf_... in the environment (or run `hf auth login`) and run again.")
-    api = HfApi(token=token)
+    return token
+
+
+def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None) -> str:
+    """Upload a converted folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
+
+    The token comes from ``token``, else the environment (``HF_TOKEN``) or ``hf auth login``.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    api = HfApi(token=_hub_token(folder, repo_id, token))
     try:
         api.create_repo(repo_id, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
@@ -634,7 +691,8 @@ def convert_checkpoint(
         measure_flops: bool = True,
         progress: bool = True,
 ) -> ConversionResult:
-    """Convert an official checkpoint of ``model_name.tag`` into a Hub-ready folder.
+    """Convert an official checkpoint of ``model_name.tag`` into a Hub-ready folder (``model_name`` may carry the
+    tag, as in ``'biformer_small.in1k'``).
 
     Loads ``checkpoint`` with ``weights_only=True``, maps it with the family's ``checkpoint_filter_fn``, loads it
     strictly, checks a forward pass, and writes ``model.safetensors`` (architecture, tag and source sha256 in its
@@ -643,6 +701,11 @@ def convert_checkpoint(
     """
     from timm.models._hub import save_config_for_hf
 
+    if '.' in model_name:  # 'biformer_small.in1k': the tag may come with the name
+        model_name, name_tag = model_name.split('.', 1)
+        if tag not in ('in1k', name_tag):
+            raise ValueError(f"the model name's tag '{name_tag}' and --tag '{tag}' disagree; give the tag once")
+        tag = name_tag
     if not timm.is_model(model_name):
         raise ValueError(f"unknown model '{model_name}'; `biformer-zoo list` shows the registered models")
     entry = find_manifest_entry(model_name, tag)
@@ -653,6 +716,15 @@ def convert_checkpoint(
     if push and update_manifest and push != entry['hf_hub_id']:
         raise ValueError(f"--update-manifest with --push {push}: the manifest's repo for {model_name}.{tag} is "
                          f"{entry['hf_hub_id']}; push there, or leave out --update-manifest")
+    if update_manifest and not push and entry['status'] == 'published':
+        published_sha256 = entry['sha256']
+    else:
+        published_sha256 = None
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f'--out {out_dir} is a file; pass a folder to write the converted weights into')
+    if push:
+        _hub_token(out_dir, push)  # before any work is done
     family = load_manifest()['families'][entry['family']]
     checkpoint = Path(checkpoint)
     model_tag = f'{model_name}.{tag}'
@@ -694,7 +766,6 @@ def convert_checkpoint(
                 warnings.simplefilter('ignore')
                 gflops = flop_analysis(model, torch.zeros(1, *input_size)).total() / 1e9
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_file = out_dir / WEIGHTS_FILE
     with _step(f'writing {weights_file}', progress):
@@ -707,10 +778,15 @@ def convert_checkpoint(
         size=weights_file.stat().st_size, source_sha256=source_sha256, params=params, gflops=gflops)
     (out_dir / 'README.md').write_text(_model_card(entry, family, result, checkpoint.name), encoding='utf-8')
 
+    if published_sha256 is not None and published_sha256 != result.sha256:
+        raise ValueError(
+            f"{model_tag} is published with sha256 {published_sha256}, but this conversion wrote {result.sha256} "
+            f"({weights_file}); the manifest describes the file on the Hub, so it is left as it is. Convert the "
+            f"official file the manifest names (source sha256 {entry.get('source_sha256')}), or --push the new file")
     if push:
         result.pushed_to = push_to_hub(out_dir, push)
     if update_manifest:
         update_manifest_entry(
             model_name, tag, manifest_path, sha256=result.sha256, size=result.size, source_sha256=source_sha256,
-            status='published' if push else 'converted')
+            status='published' if push or published_sha256 is not None else 'converted')
     return result

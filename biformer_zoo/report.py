@@ -308,13 +308,19 @@ def create_model_for_size(name: str, img_size: ImageSize, features_only: bool = 
     """
     default_cfg = timm.get_pretrained_cfg(name)
     default_size = tuple(default_cfg.input_size[-2:]) if default_cfg is not None else None
-    if default_size != tuple(img_size):
-        try:
-            return timm.create_model(name, features_only=features_only, img_size=img_size, **kwargs)
-        except TypeError as e:
-            if 'img_size' not in str(e):
-                raise
-    return timm.create_model(name, features_only=features_only, **kwargs)
+    try:
+        if default_size != tuple(img_size):
+            try:
+                return timm.create_model(name, features_only=features_only, img_size=img_size, **kwargs)
+            except TypeError as e:
+                if 'img_size' not in str(e):
+                    raise
+        return timm.create_model(name, features_only=features_only, **kwargs)
+    except TypeError as e:  # an argument the model does not take, e.g. a --model-arg meant for another family
+        if 'argument' not in str(e):
+            raise
+        raise ValueError(f'{name} cannot be built with {kwargs}: {e}. Pass model arguments only to models that '
+                         f'take them (one command per family)') from None
 
 
 def _stage_modules(model: nn.Module) -> List[Tuple[str, str]]:
@@ -339,7 +345,7 @@ def _gflops(counter: Dict[str, int]) -> Dict[str, float]:
 
 
 def _reference(name: str, profile_: 'ModelProfile', num_classes: Optional[int]) -> Optional[Dict[str, float]]:
-    numbers = PAPER_NUMBERS.get(name)
+    numbers = PAPER_NUMBERS.get(name.split('.', 1)[0])  # 'biformer_small.in1k' is the architecture's model
     if (numbers is None or profile_.features_only or profile_.model_kwargs
             or profile_.input_size[1:] != PAPER_INPUT_SIZE or num_classes != 1000):
         return None
@@ -382,9 +388,13 @@ def profile(
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}')
     img_size = parse_img_size(input_size)
+    given_chans = int(input_size[0]) if isinstance(input_size, (tuple, list)) and len(input_size) == 3 else None
     if isinstance(model_or_name, str):
         name = model_or_name
-        model = create_model_for_size(name, img_size, features_only=features_only, **(model_kwargs or {}))
+        kwargs = dict(model_kwargs or {})
+        if given_chans is not None:
+            kwargs.setdefault('in_chans', given_chans)
+        model = create_model_for_size(name, img_size, features_only=features_only, **kwargs)
     elif model_kwargs:
         raise ValueError(f'model_kwargs={model_kwargs} only apply to a model name; build the module with them instead')
     elif isinstance(model_or_name, nn.Module):
@@ -393,9 +403,7 @@ def profile(
         name = cfg.get('architecture') or type(model).__name__
     else:
         raise ValueError(f'expected a model name or an nn.Module, got {type(model_or_name).__name__}')
-    in_chans = int(getattr(model, 'in_chans', 3) or 3)
-    if isinstance(input_size, (tuple, list)) and len(input_size) == 3:
-        in_chans = int(input_size[0])
+    in_chans = given_chans or int(getattr(model, 'in_chans', 3) or 3)
     model.eval()
     inputs = torch.randn(batch_size, in_chans, *img_size)  # (B, C, H, W)
 
@@ -435,7 +443,7 @@ def profile(
     result.reference = _reference(name, result, getattr(model, 'num_classes', None))
     if result.features_only:
         result.notes.append('features_only backbone: stem and stages, no final norm or head')
-    if name in PAPER_NUMBERS and result.reference is None:
+    if name.split('.', 1)[0] in PAPER_NUMBERS and result.reference is None:
         result.notes.append('paper numbers not compared: they are for 224x224 with the 1000-class head')
     if not stages:
         result.notes.append('no feature_info on the model: no per-stage numbers')

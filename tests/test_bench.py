@@ -62,6 +62,12 @@ def test_command_reproduces_settings(infer_report):
                                     'infer --rounds 3 --warmup 1 --threads 1 --device cpu --baseline test_convnext')
 
 
+def test_command_lists_the_baseline_when_it_is_the_only_model():
+    """`biformer-zoo bench` without names benches every zoo model, so the printed command must name the model."""
+    report = benchmark([BASELINE], img_size=32, batch_size=1, rounds=1, warmup=0, threads=1, baseline=BASELINE)
+    assert report.command.startswith(f'biformer-zoo bench {BASELINE} --img-size')
+
+
 def test_model_args_reach_the_models_but_not_the_baseline():
     report = benchmark(['test_vit'], img_size=32, rounds=1, warmup=0, threads=1, baseline='test_resnet',
                        model_kwargs=dict(num_classes=10))

@@ -63,6 +63,15 @@ def test_official_nchw_checkpoint_into_legacy_model_is_refused(tmp_path):
         timm.create_model('biformer_stl', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
+@pytest.mark.parametrize('cfg', ['in1k_nchw', 'cfg object', 'dict'])
+def test_nchw_tag_applies_lepe_to_values_however_it_is_given(cfg):
+    pretrained_cfg = timm.models.get_pretrained_cfg('biformer_stl.in1k_nchw')
+    pretrained_cfg = {'in1k_nchw': 'in1k_nchw', 'cfg object': pretrained_cfg, 'dict': pretrained_cfg.to_dict()}[cfg]
+    with torch.device('meta'):
+        model = timm.create_model('biformer_stl', pretrained_cfg=pretrained_cfg)
+    assert model.stages[3].blocks[0].attn.lepe_on_value
+
+
 def test_pretrained_cfg():
     cfg = timm.create_model('biformer_small', pretrained=False).pretrained_cfg
     assert (cfg['hf_hub_id'], cfg['input_size'], cfg['crop_pct'], cfg['interpolation'], cfg['mean']) == (

@@ -69,6 +69,32 @@ def test_reset_classifier_and_num_classes_zero(family):
                                                                                     (1, features))
 
 
+def test_reset_classifier_after_pruning_fits_the_last_kept_stage(family):
+    model = build(family)
+    model.prune_intermediate_layers(indices=(0, 1))
+    model.reset_classifier(5, 'avg')
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    assert model.num_features == FAMILIES[family]['early_channels'][-1]
+
+
+def test_no_pooling_needs_num_classes_zero(family):
+    """global_pool='' keeps the map: with a classifier it is a ValueError, at build time and on reset."""
+    with pytest.raises(ValueError, match="global_pool='' keeps the"):
+        build(family, global_pool='', num_classes=10)
+    model = build(family, global_pool='', num_classes=0)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, FAMILIES[family]['num_features'], 2, 2)
+    with pytest.raises(ValueError, match="global_pool='' keeps the"):
+        model.reset_classifier(10)
+
+
+def test_img_size_sets_the_preferred_input_size(family):
+    """Any size runs; img_size (as timm's fixed-size models take it) sets pretrained_cfg input_size, in_chans
+    included."""
+    assert build(family, img_size=96, in_chans=1).pretrained_cfg['input_size'] == (1, 96, 96)
+
+
 def test_get_classifier(family):
     assert build(family, num_classes=3).get_classifier().out_features == 3
 

@@ -354,6 +354,22 @@ def test_dtype_change_after_caching():
     assert out.dtype == torch.float64 and torch.equal(out, expected)
 
 
+def test_autocast_call_does_not_leave_a_low_precision_bias_in_the_cache():
+    model, fresh = _shallow(), _shallow()
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)  # fills the cache first, under autocast
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_layer_norms_use_the_official_eps():
+    """The official code uses nn.LayerNorm's default eps everywhere, the final norm included."""
+    model = _shallow('crossformerpp_small')
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+
+
 def test_concurrent_calls_equal_serial_calls(tiny):
     model = tiny
     inputs = [torch.randn(1, 3, *size) for size in [(64, 64), (96, 64), (64, 64), (40, 72)]]

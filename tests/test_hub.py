@@ -5,6 +5,7 @@ against a fake Hub cache with HF_HUB_OFFLINE=1, one against a loopback HTTP serv
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -145,6 +146,41 @@ def test_convert_is_reproducible_and_updates_the_manifest(tiny_converted, tiny_c
         status='converted')
 
 
+@pytest.mark.parametrize('matches', [True, False])
+def test_convert_keeps_a_published_entry_published(tiny_converted, tiny_checkpoint, tmp_path, monkeypatch, matches):
+    """--update-manifest without --push: a published entry describes the file on the Hub. The same file keeps it
+    published; a different one is refused and the manifest is left as it is."""
+    manifest = json.loads(hub.MANIFEST_PATH.read_text())
+    entry = [e for e in manifest['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    published = _sha256(tiny_converted[0] / hub.WEIGHTS_FILE) if matches else '1' * 64
+    entry.update(sha256=published, size=1, status='published')
+    path = tmp_path / 'weights_manifest.json'
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setattr(hub, 'MANIFEST_PATH', path)
+    hub.load_manifest.cache_clear()
+    try:
+        convert = functools.partial(hub.convert_checkpoint, TINY, tiny_checkpoint, tmp_path / 'out',
+                                    update_manifest=True, manifest_path=path, measure_flops=False, progress=False)
+        if matches:
+            convert()
+        else:
+            with pytest.raises(ValueError, match=f'published with sha256 {published}.*left as it is'):
+                convert()
+        after = [e for e in json.loads(path.read_text())['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    finally:
+        hub.load_manifest.cache_clear()
+    assert (after['status'], after['sha256']) == ('published', published)
+
+
+def test_convert_accepts_a_tagged_name_and_checks_the_output_folder_first(tiny_checkpoint, tmp_path):
+    result = hub.convert_checkpoint(f'{TINY}.in1k', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
+                                    progress=False)
+    assert result.model == f'{TINY}.in1k'
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError, match='is a file'):
+        hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'a_file', measure_flops=False, progress=False)
+
+
 def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
     """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
     with torch.device('meta'):
@@ -217,6 +253,54 @@ def test_convert_refuses_a_checkpoint_that_needs_code(tmp_path):
     with pytest.raises(ValueError, match=r'needs code to unpickle \(.*_leave_marker.*weights_only=True'):
         hub.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
     assert not (tmp_path / 'ran').exists()
+
+
+@pytest.mark.parametrize('name,data,match', [
+    ('random.pth', bytes(range(256)) * 20, 'not a readable checkpoint'),
+    ('text.pth', b'hello', 'not a readable checkpoint'),
+    ('cut.safetensors', None, 'not a readable checkpoint .*truncated'),
+    ('folder.pth', 'dir', 'is a directory'),
+    ('missing.pth', 'none', 'does not exist'),
+])
+def test_damaged_or_missing_checkpoints_are_reported(tmp_path, tiny_converted, name, data, match):
+    """convert and pretrained_cfg_overlay=dict(file=...) name the problem instead of raising from deep inside."""
+    path = tmp_path / name
+    if data == 'dir':
+        path.mkdir()
+    elif data is None:
+        whole = (tiny_converted[0] / hub.WEIGHTS_FILE).read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+    elif data != 'none':
+        path.write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        hub.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
+    overlay_match = 'corrupt or truncated' if name.endswith('.safetensors') else match
+    with pytest.raises(hub.PretrainedWeightsError, match=f'biformer_tiny.*{overlay_match}'):
+        timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_training_checkpoint_loads_through_overlay_file_like_convert(tiny_checkpoint, tmp_path):
+    """A .pth given as pretrained_cfg_overlay file goes through the same safe loader as convert (Namespace and
+    PosixPath args allowed), EMA weights first as timm's loader does; the model does not keep the state dict."""
+    official = hub.load_official_checkpoint(tiny_checkpoint)
+    model = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_checkpoint)))
+    expected = timm.create_model(TINY)
+    expected.load_state_dict(hub._checkpoint_filter(expected)(dict(official), expected))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert model.pretrained_cfg.get('state_dict') is None
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in official.items()}
+    path = tmp_path / 'with_ema.pth'
+    torch.save({'model': official, 'model_ema': ema, 'args': argparse.Namespace(p=pathlib.PosixPath('x'))}, path)
+    with_ema = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(with_ema.state_dict()['head.fc.bias'], ema['head.bias'])
+
+
+def test_safetensors_metadata_must_be_strings(tmp_path):
+    path = tmp_path / 'odd.safetensors'
+    header = json.dumps({'__metadata__': 'biformer_tiny'}).encode()
+    path.write_bytes(len(header).to_bytes(8, 'little') + header)
+    with pytest.raises(ValueError, match='__metadata__ must map strings to strings'):
+        hub.read_safetensors_header(path)
 
 
 def test_convert_names_the_model_a_checkpoint_belongs_to(tiny_checkpoint, tmp_path):
@@ -324,6 +408,12 @@ def hub_setup(tiny_converted, tmp_path_factory):
     tiny_entry.update(sha256=hashlib.sha256(good).hexdigest(), size=len(good), status='published')
     for repo, sha256 in (('test-org/bad-sha', '0' * 64), ('test-org/truncated', hashlib.sha256(small).hexdigest())):
         manifest['weights'].append(dict(tiny_entry, hf_hub_id=repo, sha256=sha256, size=len(small)))
+    # good weights in a repo the manifest records without a checksum (not published), and a revision-pinned entry
+    broken['test-org/unverified'] = good
+    manifest['weights'].append(dict(tiny_entry, hf_hub_id='test-org/unverified', sha256=None, size=None,
+                                    status='convertible'))
+    broken['test-org/pinned'] = small
+    manifest['weights'].append(dict(tiny_entry, hf_hub_id='test-org/pinned@main', sha256='0' * 64, size=len(small)))
     (root / 'manifest.json').write_text(json.dumps(manifest))
     tiny_files = {hub.WEIGHTS_FILE: good, 'config.json': (folder / 'config.json').read_bytes()}
     return dict(root=root, folder=folder, tiny_files=tiny_files, broken=broken,
@@ -332,7 +422,8 @@ def hub_setup(tiny_converted, tmp_path_factory):
 
 
 OFFLINE = ['bit_exact', 'hf_hub_prefix', 'features_only', 'adapted', 'unpublished', 'repo:test-org/bad-sha',
-           'repo:test-org/truncated', 'repo:test-org/corrupt', 'repo:test-org/wrong-arch', 'push']
+           'repo:test-org/truncated', 'repo:test-org/corrupt', 'repo:test-org/wrong-arch', 'repo:test-org/unverified',
+           'repo:test-org/pinned@main', 'push']
 
 
 @pytest.fixture(scope='module')
@@ -399,6 +490,18 @@ def test_wrong_architecture_in_file_is_reported(offline):
     message = offline['repo:test-org/wrong-arch']
     assert _missing(message, 'biformer_tiny', 'test-org/wrong-arch', "for 'crossformer_tiny'",
                     "timm.create_model('crossformer_tiny'") == []
+
+
+def test_weights_without_a_manifest_checksum_are_not_loaded(offline):
+    """A file found at a repo the manifest lists as not published (no sha256) cannot be verified: refused."""
+    message = offline['repo:test-org/unverified']
+    assert _missing(message, 'PretrainedWeightsError', 'test-org/unverified', 'records no sha256', 'not loaded',
+                    'biformer-zoo convert --model biformer_tiny', 'pretrained_cfg_overlay=dict(file=...)') == []
+
+
+def test_revision_pinned_manifest_entry_is_still_checked(offline):
+    message = offline['repo:test-org/pinned@main']
+    assert _missing(message, 'test-org/pinned', 'sha256', '0' * 64) == []
 
 
 def test_push_without_token_is_a_clear_error(offline):

@@ -209,6 +209,19 @@ def test_model_args_reach_the_model():
     assert profile('test_vit', 32, model_kwargs=dict(num_classes=10)).params == expected
 
 
+def test_model_arg_a_model_does_not_take_is_a_value_error():
+    with pytest.raises(ValueError, match=r"crossformer_tiny cannot be built with \{'n_win': 16\}.*one command per"):
+        profile('crossformer_tiny', 64, model_kwargs=dict(n_win=16))
+
+
+def test_channels_first_input_size_builds_the_model_with_those_channels():
+    assert profile('test_vit', (1, 32, 32)).input_size == (1, 32, 32)
+
+
+def test_tagged_name_is_compared_with_the_architectures_paper_numbers():
+    assert profile('biformer_tiny.in1k', 224).reference == profile('biformer_tiny', 224).reference is not None
+
+
 def test_patterns_expand_to_zoo_and_timm_models():
     assert resolve_model_names(['biformer_t*', 'resnet18']) == ['biformer_tiny', 'resnet18']
 

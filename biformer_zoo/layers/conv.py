@@ -135,7 +135,8 @@ class _WeightGradConv2d(nn.Conv2d):
         if identity is not None:
             weight = weight + identity
         if not torch.jit.is_scripting():
-            cpu_training = x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad
+            cpu_training = x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad \
+                and x.numel() > 0  # an empty batch has no gradient to compute
             if self.uses_weight_grad and cpu_training:
                 return self._conv_autograd(x, weight)
         return self._conv_forward(x, weight, self.bias)

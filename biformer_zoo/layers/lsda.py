@@ -196,8 +196,10 @@ class LSDAttention(nn.Module):
     Attention runs through ``F.scaled_dot_product_attention`` with the position bias (plus the padding mask) as
     ``attn_mask``; on CPU, when the bias needs a gradient (training), as explicit matmuls and softmax instead.
     The position bias is computed once per call for the group shape in use. In eval mode with autograd off it is
-    cached per (group shape, device, dtype, parameter versions), so a cached value is never stale; biases over
-    4 MiB (LDA across a whole detection-size map) are recomputed instead of held.
+    cached per (group shape, device, dtype, autocast dtype, parameter storage and version), so loading weights,
+    optimizer steps and EMA updates all invalidate it; writes through ``.data`` bypass version counters, so after
+    those clear ``_bias_cache`` (or assign it ``{}``). Biases over 4 MiB (LDA across a whole detection-size map)
+    are recomputed instead of held.
     """
 
     def __init__(
@@ -255,8 +257,9 @@ class LSDAttention(nn.Module):
     @torch.jit.unused
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         params = list(self.pos.parameters())
-        key = (group_h, group_w, params[0].device, params[0].dtype) + tuple(
-            (p.data_ptr(), p._version) for p in params)
+        device = params[0].device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (group_h, group_w, device, params[0].dtype, autocast) + tuple((p.data_ptr(), p._version) for p in params)
         bias = self._bias_cache.get(key)
         if bias is None:
             bias = self.compute_position_bias(group_h, group_w)

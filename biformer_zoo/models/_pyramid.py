@@ -26,6 +26,32 @@ def check_pretrained_tag(architecture: str, tag: Any) -> None:
             f'Use one of them (e.g. {architecture}.{tags[0] if tags else "<tag>"}) or leave the tag out')
 
 
+def check_head_args(num_classes: int, global_pool: str) -> None:
+    """A classifier needs pooled features: ``global_pool=''`` keeps the map, so only ``num_classes=0`` fits it."""
+    if num_classes > 0 and not global_pool:
+        raise ValueError(f"global_pool='' keeps the (B, C, H, W) map, which a classifier cannot take; use "
+                         f"num_classes=0 with it, or a pooling type ('avg', 'max', 'avgmax', 'catavgmax')")
+
+
+def apply_img_size(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Turn an ``img_size`` argument into the pretrained cfg's ``input_size``: the models take any size, so it only
+    describes the preferred input (as for timm models with a fixed size), with ``in_chans`` channels."""
+    img_size = kwargs.pop('img_size', None)
+    if img_size is None:
+        return kwargs
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    overlay['input_size'] = (kwargs.get('in_chans', 3),) + size
+    return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def pretrained_tag(cfg: Any) -> Optional[str]:
+    """The tag of a ``pretrained_cfg`` argument: a tag string (from 'name.tag'), a dict or a timm PretrainedCfg."""
+    if cfg is None or isinstance(cfg, str):
+        return cfg
+    return cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
+
+
 class PyramidModel(nn.Module):
     """Base of the BiFormer and CrossFormer models.
 
@@ -69,9 +95,11 @@ class PyramidModel(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        check_head_args(num_classes, self.global_pool if global_pool is None else global_pool)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
+        self.head.in_features = self.num_features  # after prune_intermediate_layers: the last kept stage's width
         self.head.reset(num_classes, pool_type=global_pool)
 
     def forward_intermediates(

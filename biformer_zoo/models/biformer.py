@@ -23,9 +23,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..hub import prepare_pretrained
+from ..hub import prepare_pretrained, release_loaded_state_dict
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
-from ._pyramid import PyramidModel, check_pretrained_tag
+from ._pyramid import PyramidModel, apply_img_size, check_head_args, check_pretrained_tag, pretrained_tag
 
 __all__ = ['BiFormer']
 
@@ -125,7 +125,7 @@ class BiFormer(PyramidModel):
     Args:
         in_chans: Input image channels.
         num_classes: Classifier outputs; 0 for no classifier.
-        global_pool: 'avg' or '' (no pooling).
+        global_pool: 'avg', 'max', 'avgmax', 'catavgmax', or '' (no pooling; only with num_classes=0).
         depths: Blocks per stage.
         embed_dims: Channels per stage.
         mlp_ratios: MLP expansion per stage.
@@ -176,6 +176,7 @@ class BiFormer(PyramidModel):
                     f'n_win**2 = {n_win ** 2} (or None for global attention); lower topks or raise n_win')
         if stem_type not in ('overlap', 'patch'):
             raise ValueError(f"stem_type must be 'overlap' or 'patch', got {stem_type!r}")
+        check_head_args(num_classes, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -275,15 +276,15 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    kwargs = prepare_pretrained(variant, pretrained, kwargs)
-    cfg = kwargs.get('pretrained_cfg')  # a tag from 'name.tag', or a dict (hf-hub:/local-dir: config.json)
-    if (cfg.get('tag') if isinstance(cfg, dict) else cfg) == 'in1k_nchw':
+    kwargs = apply_img_size(prepare_pretrained(variant, pretrained, kwargs))
+    if pretrained_tag(kwargs.get('pretrained_cfg')) == 'in1k_nchw':
         kwargs.setdefault('global_lepe_on_value', True)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         BiFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs)
+    return release_loaded_state_dict(model)
 
 
 def _cfg(name_tag: str, official_file: str, official_url: str, **kwargs: Any) -> Dict[str, Any]:

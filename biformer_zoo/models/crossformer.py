@@ -25,9 +25,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..hub import prepare_pretrained
+from ..hub import prepare_pretrained, release_loaded_state_dict
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from ._pyramid import PyramidModel, check_pretrained_tag
+from ._pyramid import PyramidModel, apply_img_size, check_head_args, check_pretrained_tag
 
 __all__ = ['CrossFormer']
 
@@ -124,7 +124,7 @@ class CrossFormer(PyramidModel):
     Args:
         in_chans: Input image channels.
         num_classes: Classifier outputs; 0 for no classifier.
-        global_pool: 'avg' or '' (no pooling).
+        global_pool: 'avg', 'max', 'avgmax', 'catavgmax', or '' (no pooling; only with num_classes=0).
         embed_dim: Channels of the first stage; stage i has ``embed_dim * 2**i``.
         depths: Blocks per stage; even blocks use SDA, odd blocks LDA.
         num_heads: Attention heads per stage.
@@ -175,6 +175,7 @@ class CrossFormer(PyramidModel):
                 f'depths, num_heads, group_size and interval need one entry per stage, got {len(depths)}, '
                 f'{len(num_heads)}, {len(group_sizes)} and {len(intervals)}')
         embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        check_head_args(num_classes, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -208,7 +209,7 @@ class CrossFormer(PyramidModel):
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = LayerNorm2d(self.num_features)
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5)  # nn.LayerNorm in the official code
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
 
@@ -245,18 +246,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    kwargs = prepare_pretrained(variant, pretrained, kwargs)
-    img_size = kwargs.pop('img_size', None)
-    if img_size is not None:  # any size runs; img_size only describes the preferred input
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-        overlay['input_size'] = (3,) + size
-        kwargs['pretrained_cfg_overlay'] = overlay
-    return build_model_with_cfg(
+    kwargs = apply_img_size(prepare_pretrained(variant, pretrained, kwargs))
+    model = build_model_with_cfg(
         CrossFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs)
+    return release_loaded_state_dict(model)
 
 
 def _cfg(official_file: str = '', official_url: str = '', plus: bool = False, **kwargs: Any) -> Dict[str, Any]:
