@@ -53,8 +53,13 @@ def test_training_step_needs_more_memory_than_inference(infer_report, train_repo
     assert all(r.peak_memory_mb > infer[r.model] for r in train_report.results)
 
 
-def test_threads_restored_after_run(infer_report):
-    assert torch.get_num_threads() == 2
+def test_threads_set_for_the_run_and_restored_after(monkeypatch):
+    seen = []
+    model = timm.create_model('test_resnet')
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(timm, 'create_model', lambda *args, **kwargs: model)
+    benchmark(['test_resnet'], img_size=32, batch_size=1, rounds=1, warmup=0, threads=1, baseline=None)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
 
 
 def test_command_reproduces_settings(infer_report):

@@ -86,8 +86,13 @@ def test_forward_features_and_head(eval_models, name):
         feats = model.forward_features(x)
         logits = model.forward_head(feats)
         pre = model.forward_head(feats, pre_logits=True)
+        full = model(x)
     assert (feats.shape, logits.shape, pre.shape) == (
         (2, model.num_features, 2, 3), (2, 7), (2, model.head_hidden_size))
+    # forward is features then head; pre-logits are the average-pooled features, the logits the classifier on them
+    torch.testing.assert_close(full, logits, rtol=0, atol=0)
+    torch.testing.assert_close(pre, feats.mean((2, 3)))
+    torch.testing.assert_close(logits, model.get_classifier()(pre))
 
 
 def test_features_only_matches_feature_info():

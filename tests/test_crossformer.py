@@ -317,12 +317,13 @@ def test_forward_changes_no_state(small_models, name):
 
 
 def test_padding_does_not_leak_into_real_tokens(pp_small):
-    """A model block on a map that needs padding equals the reference attention, which never pads."""
-    attn = _randomize(copy.deepcopy(pp_small.stages[2].blocks[1].attn))  # LDA, G=14, I=1: 20x30 pads to 28x42
-    x = torch.randn(1, 30, 20, attn.qkv.in_features).permute(0, 3, 2, 1)  # (B, C, H, W) view of a NHWC map
+    """A model's attention layer on a map that needs padding equals the reference attention, which never pads
+    (float64)."""
+    attn = _randomize(copy.deepcopy(pp_small.stages[2].blocks[1].attn)).double()  # LDA, G=14: 20x30 pads to 28x42
+    x = torch.randn(1, 30, 20, attn.qkv.in_features, dtype=torch.float64).permute(0, 3, 2, 1)  # (B, C, H, W) view
     with torch.no_grad():
         fast = attn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        torch.testing.assert_close(fast, reference_lsda(attn, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast, reference_lsda(attn, x))
 
 
 def test_train_then_eval_uses_updated_position_bias():
@@ -371,10 +372,14 @@ def test_layer_norms_use_the_official_eps():
 
 
 def test_concurrent_calls_equal_serial_calls(tiny):
-    model = tiny
+    """Threads that fill the (emptied) position-bias caches concurrently get the serial results."""
+    model = copy.deepcopy(tiny)
     inputs = [torch.randn(1, 3, *size) for size in [(64, 64), (96, 64), (64, 64), (40, 72)]]
     with torch.no_grad():
         serial = [model(x) for x in inputs]
+    layers = [m for m in model.modules() if isinstance(m, LSDAttention)]
+    for layer in layers:
+        layer._bias_cache = {}
     results = [None] * len(inputs)
 
     def run(i):
@@ -386,7 +391,7 @@ def test_concurrent_calls_equal_serial_calls(tiny):
         t.start()
     for t in threads:
         t.join()
-    assert all(torch.equal(a, b) for a, b in zip(results, serial))
+    assert all(torch.equal(a, b) for a, b in zip(results, serial)) and all(layer._bias_cache for layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,8 +406,13 @@ def test_forward_features_and_head(name):
         feats = model.forward_features(x)
         logits = model.forward_head(feats)
         pre = model.forward_head(feats, pre_logits=True)
+        full = model(x)
     assert (feats.shape, logits.shape, pre.shape) == (
         (2, model.num_features, 2, 3), (2, 7), (2, model.head_hidden_size))
+    # forward is features then head; pre-logits are the average-pooled features, the logits the classifier on them
+    torch.testing.assert_close(full, logits, rtol=0, atol=0)
+    torch.testing.assert_close(pre, feats.mean((2, 3)))
+    torch.testing.assert_close(logits, model.get_classifier()(pre))
 
 
 @pytest.mark.parametrize('name', SMALL_MODELS)

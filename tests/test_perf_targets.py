@@ -46,8 +46,10 @@ def test_status_follows_checked_value_and_target(quick_run: Dict[str, Any]) -> N
     wrong = []
     for c in checks:
         checked, target = c['checked'], c['target']
+        # the checked number is the value over (or, in MiB, minus) what it is compared with, never the inverse
+        expected = c['value'] - c['reference_value'] if target['unit'] == 'MiB' else c['value'] / c['reference_value']
         met = checked >= target['bound'] if target['op'] == '>=' else checked <= target['bound']
-        if not (math.isfinite(checked) and checked > 0 and c['met'] == met):
+        if not (math.isfinite(checked) and checked > 0 and c['met'] == met and math.isclose(checked, expected)):
             wrong.append((c['group'], c['model'], checked, target, c['met']))
     assert not wrong
 
