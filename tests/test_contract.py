@@ -95,6 +95,19 @@ def test_img_size_sets_the_preferred_input_size(family):
     assert build(family, img_size=96, in_chans=1).pretrained_cfg['input_size'] == (1, 96, 96)
 
 
+@pytest.mark.parametrize('kwargs', [dict(indices=[4]), dict(indices=5), dict(indices=[-5])])
+def test_stage_indices_that_do_not_exist_are_a_value_error(family, kwargs):
+    with pytest.raises(ValueError, match='stage'):
+        build(family).forward_intermediates(torch.randn(1, 3, 64, 64), **kwargs)
+
+
+@pytest.mark.parametrize('kwargs,match', [(dict(features_only=True, out_indices=(4,)), 'do not exist'),
+                                          (dict(output_stride=16), 'output_stride=16 is not supported')])
+def test_unsupported_feature_arguments_are_a_value_error(family, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(family, **kwargs)
+
+
 def test_get_classifier(family):
     assert build(family, num_classes=3).get_classifier().out_features == 3
 

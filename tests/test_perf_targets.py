@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any, Dict
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'perf_targets.py'
 
@@ -73,3 +74,30 @@ def test_custom_backward_benchmark_times_both_variants() -> None:
         '8x56x56x64', '8x28x28x128', '8x14x14x256', '8x7x7x512']
     assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
                for _, before, after in rows + attention + stem + depthwise)
+
+
+def _load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('family', ['biformer', 'crossformer'])
+def test_parity_script_refuses_a_folder_that_is_not_the_official_clone(tmp_path, capsys, family):
+    """benchmarks/parity_official.py needs a clone of the official repository (not available to the tests)."""
+    with pytest.raises(SystemExit) as exit_info:
+        _load_benchmark('parity_official').main(['--family', family, '--official-repo', str(tmp_path)])
+    expected = 'not a clone of rayleizhu/BiFormer' if family == 'biformer' else 'is not a git clone'
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_parity_script_pass_rule(capsys):
+    """PASS: allclose(rtol=1e-4, atol=1e-5 max|ref|) in float32, max|diff|/max|ref| < 1e-12 in float64."""
+    report = _load_benchmark('parity_official').report
+    ref = torch.linspace(-3, 3, 100, dtype=torch.float64)
+    assert report('m', 'logits', [ref + 1e-13], [ref]) and not report('m', 'logits', [ref + 1e-10], [ref])
+    ref32 = ref.float()
+    assert report('m', 'logits', [ref32 + 1e-5], [ref32]) and not report('m', 'logits', [ref32 + 1e-3], [ref32])
+    assert not report('m', 'features', [ref32[:50]], [ref32])  # a shape mismatch fails
+    assert capsys.readouterr().out.count('FAIL') == 3

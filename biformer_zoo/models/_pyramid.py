@@ -52,6 +52,28 @@ def pretrained_tag(cfg: Any) -> Optional[str]:
     return cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
 
 
+def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+    """timm's ``feature_take_indices`` with a ``ValueError`` (not an assertion) for stages that do not exist."""
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f'an int takes the last n stages: n must be between 1 and {num_stages}, got {indices}')
+    elif indices is not None:
+        bad = [i for i in indices if not -num_stages <= i < num_stages]
+        if bad:
+            raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
+                             f'{num_stages - 1}, or negative from the end)')
+    return feature_take_indices(num_stages, indices)
+
+
+def check_output_stride(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Accept ``output_stride`` only as the models' own 32 (no dilated variants)."""
+    output_stride = kwargs.pop('output_stride', None)
+    if output_stride not in (None, 32):
+        raise ValueError(f'output_stride={output_stride} is not supported: the models always downsample by 32 '
+                         f'(strides 4, 8, 16, 32); take an earlier stage with out_indices instead')
+    return kwargs
+
+
 class PyramidModel(nn.Module):
     """Base of the BiFormer and CrossFormer models.
 
@@ -125,7 +147,7 @@ class PyramidModel(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         check_image_input(x, self.in_chans, self.min_input_size)
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = take_indices_of(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
         x = self.stem(x)
@@ -152,7 +174,7 @@ class PyramidModel(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages (and norm/head) that the given intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = take_indices_of(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
         if prune_norm or prune_end:

@@ -25,7 +25,8 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 
 from ..hub import prepare_pretrained, release_loaded_state_dict
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
-from ._pyramid import PyramidModel, apply_img_size, check_head_args, check_pretrained_tag, pretrained_tag
+from ._pyramid import (
+    PyramidModel, apply_img_size, check_head_args, check_output_stride, check_pretrained_tag, pretrained_tag)
 
 __all__ = ['BiFormer']
 
@@ -276,7 +277,7 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    kwargs = apply_img_size(prepare_pretrained(variant, pretrained, kwargs))
+    kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
     if pretrained_tag(kwargs.get('pretrained_cfg')) == 'in1k_nchw':
         kwargs.setdefault('global_lepe_on_value', True)
     model = build_model_with_cfg(

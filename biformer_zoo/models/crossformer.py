@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 
 from ..hub import prepare_pretrained, release_loaded_state_dict
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from ._pyramid import PyramidModel, apply_img_size, check_head_args, check_pretrained_tag
+from ._pyramid import PyramidModel, apply_img_size, check_head_args, check_output_stride, check_pretrained_tag
 
 __all__ = ['CrossFormer']
 
@@ -246,7 +246,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    kwargs = apply_img_size(prepare_pretrained(variant, pretrained, kwargs))
+    kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
     model = build_model_with_cfg(
         CrossFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
