@@ -21,7 +21,6 @@ import re
 import sys
 import time
 import warnings
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,7 +517,7 @@ def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[s
     try:
         with torch.serialization.safe_globals(_SAFE_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         try:  # names the classes only for a readable zip checkpoint; anything else is damaged
             needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:

@@ -7,6 +7,7 @@ from timm.layers import trunc_normal_
 from timm.models import get_arch_pretrained_cfgs
 from timm.models._features import feature_take_indices
 
+from ..hub import prepare_pretrained
 from ..layers import check_image_input
 
 
@@ -29,8 +30,16 @@ def check_pretrained_tag(architecture: str, tag: Any) -> None:
 def check_head_args(num_classes: int, global_pool: str) -> None:
     """A classifier needs pooled features: ``global_pool=''`` keeps the map, so only ``num_classes=0`` fits it."""
     if num_classes > 0 and not global_pool:
-        raise ValueError(f"global_pool='' keeps the (B, C, H, W) map, which a classifier cannot take; use "
-                         f"num_classes=0 with it, or a pooling type ('avg', 'max', 'avgmax', 'catavgmax')")
+        raise ValueError("global_pool='' keeps the (B, C, H, W) map, which a classifier cannot take; use "
+                         "num_classes=0 with it, or a pooling type ('avg', 'max', 'avgmax', 'catavgmax')")
+
+
+def prepare_create_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """What each family's ``_create_*`` does before ``build_model_with_cfg``: check the pretrained tag, resolve and
+    check the weights (``hub.prepare_pretrained``), refuse an ``output_stride`` other than 32, and turn ``img_size``
+    into the pretrained cfg's ``input_size``."""
+    check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
+    return apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
 
 
 def apply_img_size(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -23,10 +23,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..hub import prepare_pretrained, release_loaded_state_dict
+from ..hub import release_loaded_state_dict
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
-from ._pyramid import (
-    PyramidModel, apply_img_size, check_head_args, check_output_stride, check_pretrained_tag, pretrained_tag)
+from ._pyramid import PyramidModel, check_head_args, prepare_create_kwargs, pretrained_tag
 
 __all__ = ['BiFormer']
 
@@ -276,8 +275,7 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
+    kwargs = prepare_create_kwargs(variant, pretrained, kwargs)
     if pretrained_tag(kwargs.get('pretrained_cfg')) == 'in1k_nchw':
         kwargs.setdefault('global_lepe_on_value', True)
     model = build_model_with_cfg(

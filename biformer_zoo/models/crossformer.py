@@ -25,9 +25,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..hub import prepare_pretrained, release_loaded_state_dict
+from ..hub import release_loaded_state_dict
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from ._pyramid import PyramidModel, apply_img_size, check_head_args, check_output_stride, check_pretrained_tag
+from ._pyramid import PyramidModel, check_head_args, prepare_create_kwargs
 
 __all__ = ['CrossFormer']
 
@@ -245,8 +245,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
+    kwargs = prepare_create_kwargs(variant, pretrained, kwargs)
     model = build_model_with_cfg(
         CrossFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
