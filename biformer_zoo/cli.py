@@ -92,6 +92,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_tables, benchmark, render_bench
     from .report import parse_model_args, print_rich_tables, resolve_model_names
+    if args.json and args.format not in ('table', 'json'):
+        raise ValueError(f'--json means --format json; it conflicts with --format {args.format}: give one of them')
     baseline = None if args.baseline.lower() == 'none' else resolve_model_names([args.baseline])[0]
     report = benchmark(
         resolve_model_names(args.models), img_size=args.img_size, batch_size=args.batch_size, mode=args.mode,

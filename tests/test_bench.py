@@ -73,6 +73,11 @@ def test_command_lists_the_baseline_when_it_is_the_only_model():
     assert report.command.startswith(f'biformer-zoo bench {BASELINE} --img-size')
 
 
+def test_json_flag_conflicting_with_another_format_is_refused_before_running(capsys):
+    assert main(['bench', 'test_resnet', '--json', '--format', 'markdown']) == 2
+    assert '--json means --format json' in capsys.readouterr().err
+
+
 def test_model_args_reach_the_models_but_not_the_baseline():
     report = benchmark(['test_vit'], img_size=32, rounds=1, warmup=0, threads=1, baseline='test_resnet',
                        model_kwargs=dict(num_classes=10))
