@@ -344,8 +344,13 @@ def _gflops(counter: Dict[str, int]) -> Dict[str, float]:
     return {op: count / 1e9 for op, count in sorted(counter.items(), key=lambda kv: -kv[1]) if count}
 
 
+def _architecture(name: str) -> str:
+    """'biformer_small.in1k' -> 'biformer_small': paper numbers belong to the architecture, whatever the tag."""
+    return name.split('.', 1)[0]
+
+
 def _reference(name: str, profile_: 'ModelProfile', num_classes: Optional[int]) -> Optional[Dict[str, float]]:
-    numbers = PAPER_NUMBERS.get(name.split('.', 1)[0])  # 'biformer_small.in1k' is the architecture's model
+    numbers = PAPER_NUMBERS.get(_architecture(name))
     if (numbers is None or profile_.features_only or profile_.model_kwargs
             or profile_.input_size[1:] != PAPER_INPUT_SIZE or num_classes != 1000):
         return None
@@ -443,7 +448,7 @@ def profile(
     result.reference = _reference(name, result, getattr(model, 'num_classes', None))
     if result.features_only:
         result.notes.append('features_only backbone: stem and stages, no final norm or head')
-    if name.split('.', 1)[0] in PAPER_NUMBERS and result.reference is None:
+    if _architecture(name) in PAPER_NUMBERS and result.reference is None:
         result.notes.append('paper numbers not compared: they are for 224x224 with the 1000-class head')
     if not stages:
         result.notes.append('no feature_info on the model: no per-stage numbers')
