@@ -534,7 +534,7 @@ def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[s
     return _state_dict_of(checkpoint, path, prefer_ema)
 
 
-def _checkpoint_filter(model: torch.nn.Module) -> Callable[[Dict[str, torch.Tensor], torch.nn.Module], Dict]:
+def checkpoint_filter_of(model: torch.nn.Module) -> Callable[[Dict[str, torch.Tensor], torch.nn.Module], Dict]:
     """The ``checkpoint_filter_fn`` of the module that defines ``model``'s class."""
     module = sys.modules[type(model).__module__]
     filter_fn = getattr(module, 'checkpoint_filter_fn', None)
@@ -564,7 +564,7 @@ def guess_architecture(state_dict: Dict[str, torch.Tensor], names: List[str]) ->
         try:
             with torch.device('meta'):
                 model = timm.create_model(name)
-            if not _layout_mismatch(_checkpoint_filter(model)(dict(state_dict), model), model):
+            if not _layout_mismatch(checkpoint_filter_of(model)(dict(state_dict), model), model):
                 matches.append(name)
         except Exception:  # a filter refusing a foreign layout is a non-match
             continue
@@ -735,7 +735,7 @@ def convert_checkpoint(
     with _step(f'mapping onto {model_tag} and loading strictly', progress):
         model = timm.create_model(model_tag).eval()
         try:
-            mapped = _checkpoint_filter(model)(official, model)
+            mapped = checkpoint_filter_of(model)(official, model)
         except (RuntimeError, KeyError, ValueError) as e:
             raise ValueError(f'{checkpoint} cannot be mapped onto {model_tag}: {e}') from None
         problems = _layout_mismatch(mapped, model)

@@ -185,7 +185,7 @@ def _differs_from_mapped_official(weights_file: Path, official: dict, name: str,
     """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
     with torch.device('meta'):
         model = timm.create_model(f'{name}.{tag}')
-    expected = hub._checkpoint_filter(model)(official, model)  # the family's filter, found the way convert does
+    expected = hub.checkpoint_filter_of(model)(official, model)  # the family's filter, found the way convert does
     converted = safetensors.torch.load_file(str(weights_file))
     def keys(state: dict) -> set:
         return {k for k in state if not k.endswith('num_batches_tracked')}  # BatchNorm's counter is not a weight
@@ -285,7 +285,7 @@ def test_training_checkpoint_loads_through_overlay_file_like_convert(tiny_checkp
     official = hub.load_official_checkpoint(tiny_checkpoint)
     model = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_checkpoint)))
     expected = timm.create_model(TINY)
-    expected.load_state_dict(hub._checkpoint_filter(expected)(dict(official), expected))
+    expected.load_state_dict(hub.checkpoint_filter_of(expected)(dict(official), expected))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
     assert model.pretrained_cfg.get('state_dict') is None
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in official.items()}
@@ -293,6 +293,40 @@ def test_training_checkpoint_loads_through_overlay_file_like_convert(tiny_checkp
     torch.save({'model': official, 'model_ema': ema, 'args': argparse.Namespace(p=pathlib.PosixPath('x'))}, path)
     with_ema = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(with_ema.state_dict()['head.fc.bias'], ema['head.bias'])
+
+
+@pytest.mark.parametrize('name,tag,layout', [(TINY, 'in1k', TINY)] + OFFICIAL_LAYOUTS)
+def test_official_state_dict_loads_through_checkpoint_path_and_load_state_dict(tmp_path, name, tag, layout):
+    """timm's ``checkpoint_path=`` and a plain ``load_state_dict`` (also of a model holding ours under a prefix, as
+    a detector holds its backbone) take an official checkpoint's state dict as the pretrained path does."""
+    path = tmp_path / f'{layout}.pth'
+    official = save_official_checkpoint(layout, path)
+    official_keys = list(official)
+    expected = timm.create_model(f'{name}.{tag}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    from_path = timm.create_model(f'{name}.{tag}', checkpoint_path=str(path))
+    plain = timm.create_model(f'{name}.{tag}')
+    plain.load_state_dict(official)
+    holder = torch.nn.ModuleDict(dict(backbone=timm.create_model(f'{name}.{tag}'), neck=torch.nn.Linear(2, 2)))
+    neck = {'neck.weight': torch.ones(2, 2), 'neck.bias': torch.zeros(2)}
+    holder.load_state_dict(dict(neck, **{f'backbone.{k}': v for k, v in official.items()}))
+    assert list(official) == official_keys  # the caller's dict is left as it was
+    assert torch.equal(holder.neck.weight, neck['neck.weight'])
+    reference = expected.state_dict()
+    for model in (from_path, plain, holder.backbone):
+        loaded = model.state_dict()
+        assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], v) for k, v in reference.items())
+
+
+def test_official_nchw_state_dict_into_legacy_model_is_refused_by_load_state_dict():
+    with pytest.raises(RuntimeError, match='in1k_nchw'):
+        timm.create_model('biformer_stl').load_state_dict(synth_official_state_dict('biformer_stl_nchw'))
+
+
+def test_own_partial_state_dict_is_not_taken_for_an_official_one():
+    model = timm.create_model(TINY, depths=(1, 1, 1, 1))
+    head = {'head.fc.weight': torch.ones_like(model.head.fc.weight), 'head.fc.bias': torch.ones_like(model.head.fc.bias)}
+    result = model.load_state_dict(head, strict=False)
+    assert result.unexpected_keys == [] and torch.equal(model.head.fc.weight, head['head.fc.weight'])
 
 
 def test_safetensors_metadata_must_be_strings(tmp_path):

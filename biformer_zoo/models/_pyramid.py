@@ -7,7 +7,7 @@ from timm.layers import trunc_normal_
 from timm.models import get_arch_pretrained_cfgs
 from timm.models._features import feature_take_indices
 
-from ..hub import prepare_pretrained
+from ..hub import checkpoint_filter_of, prepare_pretrained
 from ..layers import check_image_input
 
 
@@ -83,6 +83,21 @@ def check_output_stride(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return kwargs
 
 
+def _map_official_layout(
+        model: nn.Module,
+        state_dict: Dict[str, Any],
+        prefix: str,
+        *unused: Any,
+) -> None:
+    """``load_state_dict`` pre-hook: rename the keys of an official checkpoint's state dict (recognised by
+    ``model.official_key_prefixes``) with the family's ``checkpoint_filter_fn``, in place; others pass untouched."""
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not any(k[len(prefix):].startswith(model.official_key_prefixes) for k in keys):
+        return
+    official = {k[len(prefix):]: state_dict.pop(k) for k in keys}
+    state_dict.update((prefix + k, v) for k, v in checkpoint_filter_of(model)(official, model).items())
+
+
 class PyramidModel(nn.Module):
     """Base of the BiFormer and CrossFormer models.
 
@@ -93,6 +108,13 @@ class PyramidModel(nn.Module):
 
     in_chans: int
     min_input_size: int
+    official_key_prefixes: Tuple[str, ...] = ()  # top-level key names that only official checkpoints use
+
+    def __init__(self) -> None:
+        super().__init__()
+        # official checkpoints then load wherever a state dict does: timm's checkpoint_path=, load_state_dict,
+        # and a larger model holding this one under a prefix
+        self.register_load_state_dict_pre_hook(_map_official_layout)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

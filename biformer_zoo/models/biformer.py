@@ -141,6 +141,7 @@ class BiFormer(PyramidModel):
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, rising linearly over the blocks.
     """
+    official_key_prefixes = ('downsample_layers.',)
 
     def __init__(
             self,

@@ -143,6 +143,7 @@ class CrossFormer(PyramidModel):
         attn_drop_rate: Dropout on the attention weights.
         drop_path_rate: Stochastic depth, rising linearly over the blocks (official training: 0.1-0.5).
     """
+    official_key_prefixes = ('patch_embed.', 'layers.')
 
     def __init__(
             self,
