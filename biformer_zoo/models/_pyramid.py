@@ -104,6 +104,7 @@ class PyramidModel(nn.Module):
     Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of stages, each with ``downsample`` and ``blocks``
     and a ``grad_checkpointing`` flag), ``norm``, ``head`` (a timm ``ClassifierHead``) and ``feature_info``, and set
     ``in_chans``, ``min_input_size``, ``num_classes``, ``global_pool``, ``num_features`` and ``head_hidden_size``.
+    The family's module defines ``checkpoint_filter_fn``; the class names the key prefixes of the official layout.
     """
 
     in_chans: int
