@@ -101,3 +101,21 @@ def test_parity_script_pass_rule(capsys):
     assert report('m', 'logits', [ref32 + 1e-5], [ref32]) and not report('m', 'logits', [ref32 + 1e-3], [ref32])
     assert not report('m', 'features', [ref32[:50]], [ref32])  # a shape mismatch fails
     assert capsys.readouterr().out.count('FAIL') == 3
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_op_breakdown_puts_every_op_in_one_group(mode):
+    """benchmarks/op_breakdown.py: the groups add up to the total, and the attention kernels are in 'attention'."""
+    import timm
+    breakdown = _load_benchmark('op_breakdown')
+    models = {name: timm.create_model(name, depths=(1, 1, 1, 1)) for name in ('biformer_tiny', 'crossformer_tiny')}
+    times = breakdown.op_times(models, mode, batch_size=1, img_size=64, rounds=1)
+    rows = breakdown.group_table(times)
+    assert [row[0] for row in rows] == [g for g, _ in breakdown.GROUPS] + [breakdown.OTHER, 'total']
+    for column in (1, 2):
+        groups, total = [float(row[column]) for row in rows[:-1]], float(rows[-1][column])
+        assert total > 0 and math.isclose(sum(groups), total, abs_tol=0.1 * len(groups))
+    flash = [op for op in times['biformer_tiny'] if 'scaled_dot_product' in op]
+    assert flash and {breakdown.op_group(op) for op in flash} == {'attention'}
+    assert breakdown.op_group('aten::convolution_backward') == 'convolution'
+    assert breakdown.op_group('aten::index_add_') == 'gather / copy'

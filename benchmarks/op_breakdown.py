@@ -1,0 +1,102 @@
+"""Where a step's time goes: CPU op time per kind of op, models side by side, from the torch profiler.
+
+    python benchmarks/op_breakdown.py biformer_small swin_tiny_patch4_window7_224 --mode eval
+    python benchmarks/op_breakdown.py crossformer_small swin_tiny_patch4_window7_224 --mode train
+
+Profiles ``--rounds`` steps of every model, round-robin, and prints the self time of their ops per step, grouped as
+attention kernels, matmuls, convolutions (forward and backward), gathers/copies, and the rest, with the largest
+single ops. Times are op self times (the profiler adds some overhead of its own), so compare models within one run.
+"""
+import argparse
+from collections import Counter
+from typing import Dict, List
+
+import timm
+import torch
+from torch.profiler import profile
+
+import biformer_zoo  # noqa: F401  (registers the models)
+
+# (group, op name fragments); an op belongs to the first group with a fragment in its name
+GROUPS = [
+    ('attention', ('scaled_dot_product', 'attention', 'bmm', 'softmax')),
+    ('matmul', ('addmm', 'aten::mm', 'aten::linear', 'aten::matmul')),
+    ('convolution', ('convolution', 'conv2d', 'ConvWeightGrad')),
+    ('gather / copy', ('copy_', 'index', 'gather', 'scatter', 'cat', 'fill_', 'zero_', 'pad', 'clone', 'contiguous')),
+]
+OTHER = 'other (norms, activations, adds, ...)'
+
+
+def op_group(name: str) -> str:
+    for group, fragments in GROUPS:
+        if any(fragment in name for fragment in fragments):
+            return group
+    return OTHER
+
+
+def op_times(models: Dict[str, torch.nn.Module], mode: str, batch_size: int, img_size: int,
+             rounds: int) -> Dict[str, Counter]:
+    """Self CPU time per op name, ms per step, for each model."""
+    x = torch.randn(batch_size, 3, img_size, img_size)
+
+    def step(model: torch.nn.Module) -> None:
+        if mode == 'train':
+            model.train()
+            model.zero_grad(set_to_none=True)
+            model(x).sum().backward()
+        else:
+            model.eval()
+            with torch.inference_mode():
+                model(x)
+
+    for model in models.values():  # warm-up
+        step(model)
+    times = {name: Counter() for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            with profile() as prof:
+                step(model)
+            for event in prof.key_averages():
+                times[name][event.key] += event.self_cpu_time_total / 1000 / rounds
+    return times
+
+
+def group_table(times: Dict[str, Counter]) -> List[List[str]]:
+    """Rows: group, then ms per step for each model (the last row the total)."""
+    names = list(times)
+    grouped = {name: Counter() for name in names}
+    for name, ops in times.items():
+        for op, ms in ops.items():
+            grouped[name][op_group(op)] += ms
+    rows = [[group] + [f'{grouped[name][group]:.1f}' for name in names] for group in [g for g, _ in GROUPS] + [OTHER]]
+    rows.append(['total'] + [f'{sum(times[name].values()):.1f}' for name in names])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('models', nargs='+')
+    parser.add_argument('--mode', choices=('eval', 'train'), default='eval')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--top', type=int, default=12, help='largest single ops to list')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = {name: timm.create_model(name) for name in args.models}
+    times = op_times(models, args.mode, args.batch_size, args.img_size, args.rounds)
+    print(f'{args.mode}, batch {args.batch_size}, {args.img_size}px, {args.threads} threads, op self time in ms per '
+          f'step (mean of {args.rounds})\n')
+    header = '| group | ' + ' | '.join(args.models) + ' |'
+    print(header + '\n' + '|---' * (len(args.models) + 1) + '|')
+    for row in group_table(times):
+        print('| ' + ' | '.join(row) + ' |')
+    largest = sorted({op for ops in times.values() for op in ops}, key=lambda op: -max(t[op] for t in times.values()))
+    print('\n| op | group | ' + ' | '.join(args.models) + ' |\n' + '|---' * (len(args.models) + 2) + '|')
+    for op in largest[:args.top]:
+        print(f'| {op} | {op_group(op)} | ' + ' | '.join(f'{times[name][op]:.1f}' for name in args.models) + ' |')
+
+
+if __name__ == '__main__':
+    main()
