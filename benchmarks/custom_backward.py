@@ -12,6 +12,8 @@
   ``nn.Conv2d`` (oneDNN's strided weight gradient) against ``StridedConv2d`` (the space-to-depth weight gradient).
 - BiFormer's 5x5 LePE depthwise conv at BiFormer-S's four stage shapes (batch 8, 224 input, channels-last maps)
   forward + weight gradient: ``nn.Conv2d`` against ``DepthwiseConv2d`` (two 3-wide weight gradients).
+- The BiFormer-S and CrossFormer-S stems (batch 8, 224) forward + weight gradients, with their output in the
+  blocks' (B, H, W, C) layout: NCHW input against the channels-last input the models give their stems.
 
 Rounds alternate the two variants (``bench.round_robin``); medians in ms. These are layers in a warm cache: inside
 a model, where the tensors are cold, they take longer (see README, "Speed and memory on CPU").
@@ -20,10 +22,12 @@ import argparse
 import statistics
 from typing import Callable, Dict
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import biformer_zoo  # noqa: F401  (registers the models)
 from biformer_zoo.bench import round_robin
 from biformer_zoo.layers import bra, lsda
 from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
@@ -98,6 +102,20 @@ def depthwise_rows(rounds: int):
         yield f'LePE depthwise 5x5 fwd+weight grad, 8x{size}x{size}x{channels}', t['plain'], t['fast']
 
 
+def stem_layout_rows(rounds: int):
+    x = torch.randn(8, 3, 224, 224)
+    for name in ('biformer_small', 'crossformer_small'):
+        stem = timm.create_model(name).stem.train()
+
+        def step(channels_last: bool):
+            out = stem(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            out = out.permute(0, 2, 3, 1).contiguous()  # what the first stage does: (B, H, W, C) for the blocks
+            return torch.autograd.grad(out.sum(), list(stem.parameters()))
+
+        t = _median_ms({'nchw': lambda: step(False), 'channels_last': lambda: step(True)}, rounds)
+        yield f'{name} stem fwd+weight grads, 8x3x224x224 NCHW vs channels-last input', t['nchw'], t['channels_last']
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
@@ -108,7 +126,7 @@ def main() -> None:
     print('| layer, forward + backward | plain ms | zoo ms | zoo / plain |')
     print('|---|---|---|---|')
     for rows in (routed_rows(args.rounds), attention_rows(args.rounds), stem_rows(args.rounds),
-                 depthwise_rows(args.rounds)):
+                 depthwise_rows(args.rounds), stem_layout_rows(args.rounds)):
         for label, before, after in rows:
             print(f'| {label} | {before:.2f} | {after:.2f} | {after / before:.2f}x |', flush=True)
 

@@ -108,6 +108,18 @@ def test_unsupported_feature_arguments_are_a_value_error(family, kwargs, match):
         build(family, **kwargs)
 
 
+def test_stem_takes_channels_last_input(family):
+    """Both forward paths hand the stem the image in channels-last memory (its faster layout on CPU)."""
+    model = build(family)
+    layouts = []
+    model.stem.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+        model.forward_intermediates(torch.randn(2, 3, 64, 64))
+    assert layouts == [True, True]
+
+
 def test_get_classifier(family):
     assert build(family, num_classes=3).get_classifier().out_features == 3
 

@@ -72,8 +72,10 @@ def test_custom_backward_benchmark_times_both_variants() -> None:
     depthwise = list(module.depthwise_rows(rounds=1))
     assert [label.split(',')[-1].strip() for label, _, _ in depthwise] == [
         '8x56x56x64', '8x28x28x128', '8x14x14x256', '8x7x7x512']
+    layout = list(module.stem_layout_rows(rounds=1))
+    assert [label.split()[0] for label, _, _ in layout] == ['biformer_small', 'crossformer_small']
     assert all(math.isfinite(before) and math.isfinite(after) and before > 0 and after > 0
-               for _, before, after in rows + attention + stem + depthwise)
+               for _, before, after in rows + attention + stem + depthwise + layout)
 
 
 def _load_benchmark(name: str) -> ModuleType:

@@ -156,6 +156,11 @@ class PyramidModel(nn.Module):
         self.head.in_features = self.num_features  # after prune_intermediate_layers: the last kept stage's width
         self.head.reset(num_classes, pool_type=global_pool)
 
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        # on channels-last input oneDNN runs the stem convolutions and their backward faster, and the stem's output
+        # is then already the (B, H, W, C) memory layout that the blocks take
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
+
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -182,7 +187,7 @@ class PyramidModel(nn.Module):
         take_indices, max_index = take_indices_of(len(self.stages), indices)
         last_idx = len(self.stages) - 1
 
-        x = self.stem(x)
+        x = self._forward_stem(x)
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
             stages = self.stages
         else:
@@ -219,7 +224,7 @@ class PyramidModel(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, self.min_input_size)
-        x = self.stem(x)
+        x = self._forward_stem(x)
         x = self.stages(x)
         return self.norm(x)
 
