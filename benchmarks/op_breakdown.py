@@ -1,11 +1,12 @@
 """Where a step's time goes: CPU op time per kind of op, models side by side, from the torch profiler.
 
-    python benchmarks/op_breakdown.py biformer_small swin_tiny_patch4_window7_224 --mode eval
+    python benchmarks/op_breakdown.py biformer_small swin_tiny_patch4_window7_224 --mode infer
     python benchmarks/op_breakdown.py crossformer_small swin_tiny_patch4_window7_224 --mode train
 
-Profiles ``--rounds`` steps of every model, round-robin, and prints the self time of their ops per step, grouped as
-attention kernels, matmuls, convolutions (forward and backward), gathers/copies, and the rest, with the largest
-single ops. Times are op self times (the profiler adds some overhead of its own), so compare models within one run.
+Profiles ``--rounds`` steps of every model (the steps ``biformer-zoo bench`` times), round-robin, and prints the
+self time of their ops per step, grouped as attention kernels, matmuls, convolutions (forward and backward),
+gathers/copies, and the rest, with the largest single ops. Times are op self times (the profiler adds some overhead
+of its own), so compare models within one run.
 """
 import argparse
 from collections import Counter
@@ -16,6 +17,7 @@ import torch
 from torch.profiler import profile
 
 import biformer_zoo  # noqa: F401  (registers the models)
+from biformer_zoo.bench import make_step
 
 # (group, op name fragments); an op belongs to the first group with a fragment in its name
 GROUPS = [
@@ -36,26 +38,16 @@ def op_group(name: str) -> str:
 
 def op_times(models: Dict[str, torch.nn.Module], mode: str, batch_size: int, img_size: int,
              rounds: int) -> Dict[str, Counter]:
-    """Self CPU time per op name, ms per step, for each model."""
+    """Self CPU time per op name, ms per step (``bench.make_step``: 'infer' or 'train'), for each model."""
     x = torch.randn(batch_size, 3, img_size, img_size)
-
-    def step(model: torch.nn.Module) -> None:
-        if mode == 'train':
-            model.train()
-            model.zero_grad(set_to_none=True)
-            model(x).sum().backward()
-        else:
-            model.eval()
-            with torch.inference_mode():
-                model(x)
-
-    for model in models.values():  # warm-up
-        step(model)
+    steps = {name: make_step(model, x, mode) for name, model in models.items()}
+    for step in steps.values():  # warm-up
+        step()
     times = {name: Counter() for name in models}
     for _ in range(rounds):
-        for name, model in models.items():
+        for name, step in steps.items():
             with profile() as prof:
-                step(model)
+                step()
             for event in prof.key_averages():
                 times[name][event.key] += event.self_cpu_time_total / 1000 / rounds
     return times
@@ -76,7 +68,8 @@ def group_table(times: Dict[str, Counter]) -> List[List[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('models', nargs='+')
-    parser.add_argument('--mode', choices=('eval', 'train'), default='eval')
+    parser.add_argument('--mode', choices=('infer', 'train'), default='infer',
+                        help='as biformer-zoo bench: inference forward, or forward + backward + SGD step')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--rounds', type=int, default=2)

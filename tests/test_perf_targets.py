@@ -105,7 +105,7 @@ def test_parity_script_pass_rule(capsys):
     assert capsys.readouterr().out.count('FAIL') == 3
 
 
-@pytest.mark.parametrize('mode', ['eval', 'train'])
+@pytest.mark.parametrize('mode', ['infer', 'train'])
 def test_op_breakdown_puts_every_op_in_one_group(mode):
     """benchmarks/op_breakdown.py: the groups add up to the total, and the attention kernels are in 'attention'."""
     import timm
