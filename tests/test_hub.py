@@ -324,7 +324,8 @@ def test_official_nchw_state_dict_into_legacy_model_is_refused_by_load_state_dic
 
 def test_own_partial_state_dict_is_not_taken_for_an_official_one():
     model = timm.create_model(TINY, depths=(1, 1, 1, 1))
-    head = {'head.fc.weight': torch.ones_like(model.head.fc.weight), 'head.fc.bias': torch.ones_like(model.head.fc.bias)}
+    head = {'head.fc.weight': torch.ones_like(model.head.fc.weight),
+            'head.fc.bias': torch.ones_like(model.head.fc.bias)}
     result = model.load_state_dict(head, strict=False)
     assert result.unexpected_keys == [] and torch.equal(model.head.fc.weight, head['head.fc.weight'])
 
