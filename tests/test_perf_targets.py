@@ -121,3 +121,19 @@ def test_op_breakdown_puts_every_op_in_one_group(mode):
     assert flash and {breakdown.op_group(op) for op in flash} == {'attention'}
     assert breakdown.op_group('aten::convolution_backward') == 'convolution'
     assert breakdown.op_group('aten::index_add_') == 'gather / copy'
+
+
+def test_thread_scaling_times_every_kernel_with_one_and_two_threads():
+    """benchmarks/thread_scaling.py: a row per kernel and mode with positive times, and the thread count restored."""
+    scaling = _load_benchmark('thread_scaling')
+    threads = torch.get_num_threads()
+    kernels = scaling.kernels(batch_size=1)
+    fn, inputs, kwargs = kernels['stage 3 masked dense SDPA (196 x 196 tokens, 8 heads)']
+    assert kwargs['attn_mask'].shape == (1, 1, 196, 196) and torch.isinf(kwargs['attn_mask']).any()
+    assert fn(*inputs, **kwargs).shape == (1, 8, 196, 32)
+    rows = scaling.measure(batch_size=1, rounds=1, warmup=1)
+    assert torch.get_num_threads() == threads
+    assert [(row[0], row[1]) for row in rows] == [
+        (name, mode) for name in kernels for mode in ('forward', 'forward + backward')]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith('x') and float(row[5]) >= 0
