@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from biformer_zoo.bench import round_robin
 from biformer_zoo.layers.bra import routing_mask
 
+
 def _routed(rows: int, regions: int, queries: int, keys: int, heads: int, dim: int = 32) -> Tuple[torch.Tensor, ...]:
     """q, k, v as the gather path passes them: gathered rows viewed as (regions, heads, tokens, dim), not contiguous."""
     q = torch.randn(rows * regions * queries, heads * dim).view(rows * regions, queries, heads, dim).transpose(1, 2)
@@ -72,27 +73,22 @@ def measure(batch_size: int, rounds: int, warmup: int = 2) -> List[List[str]]:
     """Rows: kernel, mode, ms with 1 thread, ms with 2 threads, speedup, mean system ms per call with 2 threads.
 
     The torch thread count is restored afterwards."""
-    previous = torch.get_num_threads()
+    rows, previous = [], torch.get_num_threads()
     try:
-        return _measure(batch_size, rounds, warmup)
+        for name, (fn, inputs, kwargs) in kernels(batch_size).items():
+            for mode in ('forward', 'forward + backward'):
+                sys_ms: Dict[int, List[float]] = {1: [], 2: []}
+                steps = {str(threads): _step(fn, inputs, kwargs, threads, mode != 'forward', sys_ms[threads])
+                         for threads in (1, 2)}
+                for step in steps.values():
+                    for _ in range(warmup):
+                        step()
+                samples = round_robin(steps, rounds)
+                one, two = statistics.median(samples['1']), statistics.median(samples['2'])
+                rows.append([name, mode, f'{one:.2f}', f'{two:.2f}', f'{one / two:.2f}x',
+                             f'{statistics.mean(sys_ms[2][warmup:]):.2f}'])
     finally:
         torch.set_num_threads(previous)
-
-
-def _measure(batch_size: int, rounds: int, warmup: int) -> List[List[str]]:
-    rows = []
-    for name, (fn, inputs, kwargs) in kernels(batch_size).items():
-        for mode in ('forward', 'forward + backward'):
-            sys_ms: Dict[int, List[float]] = {1: [], 2: []}
-            steps = {threads: _step(fn, inputs, kwargs, threads, mode != 'forward', sys_ms[threads])
-                     for threads in (1, 2)}
-            for step in steps.values():
-                for _ in range(warmup):
-                    step()
-            samples = round_robin({str(t): s for t, s in steps.items()}, rounds)
-            one, two = statistics.median(samples['1']), statistics.median(samples['2'])
-            rows.append([name, mode, f'{one:.2f}', f'{two:.2f}', f'{one / two:.2f}x',
-                         f'{statistics.mean(sys_ms[2][warmup:]):.2f}'])
     return rows
 
 
