@@ -34,9 +34,7 @@ from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
 
 
 def _median_ms(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, float]:
-    for step in steps.values():  # one untimed warm-up step each
-        step()
-    return {label: statistics.median(ms) for label, ms in round_robin(steps, rounds).items()}
+    return {label: statistics.median(ms) for label, ms in round_robin(steps, rounds, warmup=1).items()}
 
 
 def routed_rows(rounds: int):

@@ -212,11 +212,9 @@ def detection_checks(s: Settings) -> List[Check]:
 
 
 def _run_round_robin(steps: Dict[str, Callable[[], None]], s: Settings) -> Dict[str, float]:
-    """Median ms of each step: ``s.warmup`` untimed steps each, then ``bench.round_robin``."""
-    for step in steps.values():
-        for _ in range(s.warmup):
-            step()
-    return {label: statistics.median(ms) for label, ms in round_robin(steps, s.rounds, s.device).items()}
+    """Median ms of each step over ``s.rounds`` round-robin rounds after ``s.warmup`` untimed steps each."""
+    samples = round_robin(steps, s.rounds, s.device, warmup=s.warmup)
+    return {label: statistics.median(ms) for label, ms in samples.items()}
 
 
 def batch1_checks(s: Settings) -> List[Check]:

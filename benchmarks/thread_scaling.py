@@ -80,10 +80,7 @@ def measure(batch_size: int, rounds: int, warmup: int = 2) -> List[List[str]]:
                 sys_ms: Dict[int, List[float]] = {1: [], 2: []}
                 steps = {str(threads): _step(fn, inputs, kwargs, threads, mode != 'forward', sys_ms[threads])
                          for threads in (1, 2)}
-                for step in steps.values():
-                    for _ in range(warmup):
-                        step()
-                samples = round_robin(steps, rounds)
+                samples = round_robin(steps, rounds, warmup=warmup)
                 one, two = statistics.median(samples['1']), statistics.median(samples['2'])
                 rows.append([name, mode, f'{one:.2f}', f'{two:.2f}', f'{one / two:.2f}x',
                              f'{statistics.mean(sys_ms[2][warmup:]):.2f}'])

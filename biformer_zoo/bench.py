@@ -129,12 +129,19 @@ def round_robin(
         rounds: int,
         device: Union[str, torch.device] = 'cpu',
         on_step: Optional[Callable[[], None]] = None,
+        warmup: int = 0,
 ) -> Dict[str, List[float]]:
     """Milliseconds of each step over ``rounds`` rounds; every round runs each step once, starting one step later
-    than the round before, so that machine noise falls on all steps alike. ``on_step`` runs after each step."""
+    than the round before, so that machine noise falls on all steps alike. ``warmup`` untimed runs of each step
+    come first; ``on_step`` runs after each step, warm-up runs included."""
     device = torch.device(device)
     labels = list(steps)
     samples: Dict[str, List[float]] = {label: [] for label in labels}
+    for label in labels:
+        for _ in range(warmup):
+            steps[label]()
+            if on_step is not None:
+                on_step()
     _synchronize(device)
     for round_index in range(rounds):
         start = round_index % len(labels)
@@ -243,12 +250,8 @@ def benchmark(
                 static_bytes[name] = _tensor_bytes(model, inputs)
                 params[name] = sum(p.numel() for p in model.parameters())
                 progress.advance(task)
-                progress.update(task, description=f'warming up {name}')
-                for _ in range(warmup):
-                    steps[name]()
-                    progress.advance(task)
-            progress.update(task, description=f'{rounds} round-robin rounds')
-            samples = round_robin(steps, rounds, device, on_step=lambda: progress.advance(task))
+            progress.update(task, description=f'{warmup} warm-up step(s) each, {rounds} round-robin rounds')
+            samples = round_robin(steps, rounds, device, on_step=lambda: progress.advance(task), warmup=warmup)
             progress.update(task, description='measuring memory')
             for name in names:
                 if device.type == 'cuda':

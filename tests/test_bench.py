@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from biformer_zoo.bench import BenchReport, benchmark
+from biformer_zoo.bench import BenchReport, benchmark, round_robin
 from biformer_zoo.cli import main
 
 torch.set_num_threads(2)
@@ -33,6 +33,15 @@ def train_report() -> BenchReport:
 
 def test_every_model_and_the_baseline_timed_once_per_round(infer_report):
     assert {r.model: len(r.samples_ms) for r in infer_report.results} == {name: 3 for name in [*MODELS, BASELINE]}
+
+
+def test_round_robin_warms_up_then_rotates_the_starting_step():
+    calls, after = [], []
+    steps = {label: (lambda label=label: calls.append(label)) for label in 'abc'}
+    samples = round_robin(steps, rounds=3, warmup=2, on_step=lambda: after.append(calls[-1]))
+    assert calls == ['a', 'a', 'b', 'b', 'c', 'c'] + ['a', 'b', 'c', 'b', 'c', 'a', 'c', 'a', 'b']
+    assert after == calls  # on_step follows every run, warm-up runs included
+    assert {label: len(ms) for label, ms in samples.items()} == {'a': 3, 'b': 3, 'c': 3}  # warm-up runs not timed
 
 
 def test_baseline_ratios_are_one(infer_report):
