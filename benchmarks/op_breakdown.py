@@ -18,6 +18,7 @@ from torch.profiler import profile
 
 import biformer_zoo  # noqa: F401  (registers the models)
 from biformer_zoo.bench import make_step
+from biformer_zoo.report import TextTable, tables_to_markdown
 
 # (group, op name fragments); an op belongs to the first group with a fragment in its name
 GROUPS = [
@@ -79,17 +80,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = {name: timm.create_model(name) for name in args.models}
     times = op_times(models, args.mode, args.batch_size, args.img_size, args.rounds)
-    print(f'{args.mode}, batch {args.batch_size}, {args.img_size}px, {args.threads} threads, op self time in ms per '
-          f'step (mean of {args.rounds})\n')
-    header = '| group | ' + ' | '.join(args.models) + ' |'
-    print(header + '\n' + '|---' * (len(args.models) + 1) + '|')
-    for row in group_table(times):
-        print('| ' + ' | '.join(row) + ' |')
+    title = (f'{args.mode}, batch {args.batch_size}, {args.img_size}px, {args.threads} threads, op self time in ms '
+             f'per step (mean of {args.rounds})')
     largest = sorted({op for ops in times.values() for op in ops}, key=lambda op: -max(t[op] for t in times.values()))
-    print('\n| op | group | ' + ' | '.join(args.models) + ' |\n' + '|---' * (len(args.models) + 2) + '|')
-    for op in largest[:args.top]:
-        print(f'| {op} | {op_group(op)} | ' + ' | '.join(f'{times[name][op]:.1f}' for name in args.models) + ' |')
-
+    largest_rows = [[op, op_group(op), *(f'{times[name][op]:.1f}' for name in args.models)]
+                    for op in largest[:args.top]]
+    print(tables_to_markdown([
+        TextTable(title, ['group', *args.models], group_table(times), label_columns=1),
+        TextTable(f'{args.top} largest ops', ['op', 'group', *args.models], largest_rows)]))
 
 if __name__ == '__main__':
     main()

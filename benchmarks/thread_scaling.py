@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from biformer_zoo.bench import round_robin
 from biformer_zoo.layers.bra import routing_mask
+from biformer_zoo.report import TextTable, tables_to_markdown
 
 
 def _routed(rows: int, regions: int, queries: int, keys: int, heads: int, dim: int = 32) -> Tuple[torch.Tensor, ...]:
@@ -95,12 +96,9 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=10)
     args = parser.parse_args()
     rows = measure(args.batch_size, args.rounds)
-    print(f'batch {args.batch_size}, BiFormer-S shapes at 224x224, median of {args.rounds} rounds\n')
-    print('| kernel | mode | 1 thread (ms) | 2 threads (ms) | speedup | mean system ms per call, 2 threads |')
-    print('|---|---|---:|---:|---:|---:|')
-    for row in rows:
-        print('| ' + ' | '.join(row) + ' |')
-
+    title = f'batch {args.batch_size}, BiFormer-S shapes at 224x224, median of {args.rounds} rounds'
+    columns = ['kernel', 'mode', '1 thread (ms)', '2 threads (ms)', 'speedup', 'mean system ms per call, 2 threads']
+    print(tables_to_markdown([TextTable(title, columns, rows)]))
 
 if __name__ == '__main__':
     main()

@@ -137,3 +137,28 @@ def test_thread_scaling_times_every_kernel_with_one_and_two_threads():
         (name, mode) for name in kernels for mode in ('forward', 'forward + backward')]
     for row in rows:
         assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith('x') and float(row[5]) >= 0
+
+
+def test_flex_routing_block_mask_keeps_exactly_the_routed_regions():
+    """benchmarks/flex_routing.py: the block mask built from the routing equals the layer's token mask."""
+    flex = _load_benchmark('flex_routing')
+    routed = torch.rand(2, 49, 49).topk(4, dim=-1).indices
+    dense = flex.routing_block_mask(routed, tokens=4).to_dense()  # (B, 1, query blocks, key blocks)
+    expected = torch.zeros(2, 49, 49, dtype=torch.int32).scatter_(2, routed, 1)
+    assert torch.equal(dense[:, 0], expected)
+
+
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
+def test_flex_routing_matches_the_layer_and_times_both():
+    """benchmarks/flex_routing.py with eager flex (no compiler needed): outputs equal to the layer's, both timed,
+    and a backward that flex cannot run on CPU reported as a row instead of raised."""
+    flex = _load_benchmark('flex_routing')
+    rows = flex.measure(batch_size=1, rounds=1, warmup=0, backward=True, compiled=False,
+                        stages=[(28, 32, 2, 4), (14, 64, 2, 16)])
+    forward = [row for row in rows if row[1] == 'forward']
+    assert [row[0] for row in forward] == ['1x28x28x32, 2 heads, topk 4', '1x14x14x64, 2 heads, topk 16']
+    for row in forward:
+        assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[5]) < 1e-5
+    backward = [row for row in rows if row[1] == 'forward + backward']
+    assert len(backward) == 2
+    assert all(row[4].startswith('flex failed') or float(row[5]) < 1e-5 for row in backward)

@@ -319,10 +319,7 @@ class BiLevelRoutingAttention(nn.Module):
         k_regions = F.avg_pool2d(k.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
         routed = route_regions(q_regions * self.scale, k_regions, self.topk)
 
-        if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
-            out = self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp, dtype=q.dtype))
-        else:
-            out = self._gathered_attention(q, k, v, routed)  # (B, n, rh, n, rw, dim), region-major memory
+        out = self.fine_attention(q, k, v, routed)
         if self.lepe is not None:
             # the LePE map (contiguous, row-major) goes first: the sum comes out row-major like it, so adding also
             # puts the gathered path's region-major output back in order, without a copy of its own
@@ -333,6 +330,19 @@ class BiLevelRoutingAttention(nn.Module):
         if not self.channels_last:
             out = out.permute(0, 3, 1, 2)
         return out
+
+    def fine_attention(
+            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, on the path the layer picks.
+
+        Returns (B, Hp, Wp, dim) from the masked dense path, or (B, n, rh, n, rw, dim) from the gather path (a view
+        whose memory is in region order).
+        """
+        B, Hp, Wp, _ = v.shape
+        n = self.num_regions
+        if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
+            return self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp, dtype=q.dtype))
+        return self._gathered_attention(q, k, v, routed)
 
     def _masked_dense_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

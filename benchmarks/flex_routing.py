@@ -1,0 +1,147 @@
+"""FlexAttention over a block mask made from BRA's routing, against the layer's own fine attention, side by side.
+
+    python benchmarks/flex_routing.py --rounds 20                         # CPU: forward only
+    python benchmarks/flex_routing.py --device cuda --backward --rounds 20
+
+At BiFormer-S's three routed stages (224x224 input, batch 8: 56x56 maps with 64-token regions and topk 1, 28x28
+with 16-token regions and topk 4, 14x14 with 4-token regions and topk 16) both sides start from the projected
+q, k, v in the layer's (B, H, W, C) layout and end with the attention output added to a row-major map, as the
+layer adds LePE:
+
+- ``layer``: ``BiLevelRoutingAttention.fine_attention``, i.e. what the layer runs (gathered rows + SDPA in stages
+  1-2, masked dense SDPA in stage 3).
+- ``flex``: q, k, v copied into region-major token order, ``flex_attention`` (compiled, unless ``--eager``) with a
+  ``BlockMask`` whose key blocks are the routed regions (``BlockMask.from_kv_blocks``, one block per region, all
+  blocks full, so no mask function runs), and the output added back in row-major order.
+
+Rounds alternate the two (``bench.round_robin``); medians in ms, the flex/layer ratio, the largest difference of
+the outputs relative to the largest output value, and the time of flex's first call (compilation). FlexAttention
+has no backward on CPU in the torch versions this was written against; ``--backward`` there prints the error.
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from biformer_zoo.bench import round_robin
+from biformer_zoo.layers.bra import BiLevelRoutingAttention, route_regions
+from biformer_zoo.report import TextTable, tables_to_markdown
+
+# (map side, channels, heads, topk) of BiFormer-S's routed stages at 224x224
+STAGES: List[Tuple[int, int, int, int]] = [(56, 64, 2, 1), (28, 128, 4, 4), (14, 256, 8, 16)]
+
+
+def routing_block_mask(routed: torch.Tensor, tokens: int) -> BlockMask:
+    """Block mask letting query region i attend to the whole of each region in ``routed[b, i]``.
+
+    Args:
+        routed: (B, regions, topk) region indices, as ``route_regions`` returns them.
+        tokens: Tokens per region, the block size; the sequence is in region-major order.
+    """
+    batch, regions, topk = routed.shape
+    num_blocks = torch.full((batch, 1, regions), topk, dtype=torch.int32, device=routed.device)
+    indices = torch.zeros(batch, 1, regions, regions, dtype=torch.int32, device=routed.device)
+    indices[..., :topk] = routed.sort(dim=-1).values.unsqueeze(1)  # ascending key blocks, the order flex walks
+    allowed = torch.zeros(batch, regions, regions, dtype=torch.bool, device=routed.device).scatter_(2, routed, True)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+        # compiled flex skips it on full blocks (all blocks here); eager flex applies it to every score
+        return allowed[b, q_index // tokens, kv_index // tokens]
+
+    return BlockMask.from_kv_blocks(torch.zeros_like(num_blocks), torch.zeros_like(indices), num_blocks, indices,
+                                    BLOCK_SIZE=tokens, mask_mod=mask_mod)
+
+
+def to_regions(x: torch.Tensor, num_regions: int, heads: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, heads, H * W, C / heads) with the tokens of each region consecutive."""
+    B, H, W, C = x.shape
+    n = num_regions
+    x = x.view(B, n, H // n, n, W // n, heads, C // heads).permute(0, 5, 1, 3, 2, 4, 6)
+    return x.reshape(B, heads, H * W, C // heads)
+
+
+def flex_fine_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        routed: torch.Tensor, base: torch.Tensor, flex: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``base + attention`` with flex over region-major tokens; (B, H, W, *) maps in, (B, H, W, dim) out."""
+    B, H, W, _ = v.shape
+    n, heads = layer.num_regions, layer.num_heads
+    rh, rw = H // n, W // n
+    block_mask = routing_block_mask(routed, rh * rw)
+    out = flex(to_regions(q, n, heads), to_regions(k, n, heads), to_regions(v, n, heads), block_mask=block_mask,
+               scale=layer.scale)  # (B, heads, tokens in region order, d)
+    out = out.view(B, heads, n, n, rh, rw, -1).permute(0, 2, 4, 3, 5, 1, 6)  # (B, n, rh, n, rw, heads, d)
+    return (base.view(out.shape) + out).view(B, H, W, -1)
+
+
+def layer_fine_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         routed: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base + attention`` as the layer computes it; (B, H, W, *) maps in, (B, H, W, dim) out."""
+    out = layer.fine_attention(q, k, v, routed)
+    return (base.view(out.shape) + out).view(base.shape)
+
+
+def measure(batch_size: int = 8, rounds: int = 10, warmup: int = 2, device: str = 'cpu', backward: bool = False,
+            compiled: bool = True, stages: List[Tuple[int, int, int, int]] = STAGES) -> List[List[str]]:
+    """Rows: stage, mode, layer ms, flex ms, flex / layer, max |difference| / max |output|, flex first call (s)."""
+    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    rows = []
+    for side, dim, heads, topk in stages:
+        layer = BiLevelRoutingAttention(dim, heads, 7, topk, channels_last=True).to(device)
+        q, k, v, base = (torch.randn(batch_size, side, side, dim, device=device) for _ in range(4))
+        routed = route_regions(torch.randn(batch_size, 49, dim, device=device),
+                               torch.randn(batch_size, 49, dim, device=device), topk)
+        label = f'{batch_size}x{side}x{side}x{dim}, {heads} heads, topk {topk}'
+        functions: Dict[str, Callable[..., torch.Tensor]] = {
+            'layer': lambda *t: layer_fine_attention(layer, *t, routed, base),
+            'flex': lambda *t: flex_fine_attention(layer, *t, routed, base, flex)}
+        for mode in (('forward', 'forward + backward') if backward else ('forward',)):
+            inputs = [x.detach().requires_grad_(mode != 'forward') for x in (q, k, v)]
+
+            def step(fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+                if mode == 'forward':
+                    with torch.inference_mode():
+                        return fn(*inputs)
+                out = fn(*inputs)
+                out.sum().backward()
+                return out
+
+            try:
+                begin = time.perf_counter()
+                flex_out = step(functions['flex'])
+                first_s = time.perf_counter() - begin
+            except Exception as e:  # e.g. no flex backward on CPU, block sizes a device does not take
+                rows.append([label, mode, '', '', f'flex failed: {type(e).__name__}: {str(e).splitlines()[0]}', '',
+                             ''])
+                continue
+            layer_out = step(functions['layer'])
+            difference = ((flex_out - layer_out).abs().max() / layer_out.abs().max()).item()
+            samples = round_robin({name: lambda fn=fn: step(fn) for name, fn in functions.items()}, rounds, device,
+                                  warmup=warmup)
+            ms = {name: statistics.median(values) for name, values in samples.items()}
+            rows.append([label, mode, f'{ms["layer"]:.2f}', f'{ms["flex"]:.2f}', f'{ms["flex"] / ms["layer"]:.2f}x',
+                         f'{difference:.1e}', f'{first_s:.1f}'])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--rounds', type=int, default=10)
+    parser.add_argument('--threads', type=int, default=2, help='torch threads (CPU)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--backward', action='store_true', help='also time forward + backward')
+    parser.add_argument('--eager', action='store_true', help='run flex_attention without torch.compile')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = measure(args.batch_size, args.rounds, device=args.device, backward=args.backward, compiled=not args.eager)
+    title = (f'BiFormer-S routed stages at 224x224, {args.device}, {args.threads} threads, median of {args.rounds} '
+             f'rounds, flex {"eager" if args.eager else "compiled"}')
+    columns = ['stage shape', 'mode', 'layer (ms)', 'flex (ms)', 'flex / layer', 'max difference',
+               'flex first call (s)']
+    print(tables_to_markdown([TextTable(title, columns, rows)]))
+
+if __name__ == '__main__':
+    main()
