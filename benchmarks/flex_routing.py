@@ -143,5 +143,6 @@ def main() -> None:
                'flex first call (s)']
     print(tables_to_markdown([TextTable(title, columns, rows)]))
 
+
 if __name__ == '__main__':
     main()

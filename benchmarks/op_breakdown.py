@@ -89,5 +89,6 @@ def main() -> None:
         TextTable(title, ['group', *args.models], group_table(times), label_columns=1),
         TextTable(f'{args.top} largest ops', ['op', 'group', *args.models], largest_rows)]))
 
+
 if __name__ == '__main__':
     main()

@@ -100,5 +100,6 @@ def main() -> None:
     columns = ['kernel', 'mode', '1 thread (ms)', '2 threads (ms)', 'speedup', 'mean system ms per call, 2 threads']
     print(tables_to_markdown([TextTable(title, columns, rows)]))
 
+
 if __name__ == '__main__':
     main()

@@ -1,4 +1,4 @@
-"""CrossFormer family: official layouts, grouped attention against a plain reference, sizes, state, the timm contract."""
+"""CrossFormer family: official layouts, grouped attention against a plain reference, sizes, state, timm contract."""
 import copy
 import json
 import threading
@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import biformer_zoo  # noqa: F401
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from biformer_zoo.layers.conv import StridedConv2d
 from biformer_zoo.layers.lsda import group_layout
 from biformer_zoo.models.crossformer import _OFFICIAL_BUFFERS, _map_official_key
 from official_layouts import official_layout, save_official_checkpoint

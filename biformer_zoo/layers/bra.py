@@ -338,7 +338,7 @@ class BiLevelRoutingAttention(nn.Module):
         Returns (B, Hp, Wp, dim) from the masked dense path, or (B, n, rh, n, rw, dim) from the gather path (a view
         whose memory is in region order).
         """
-        B, Hp, Wp, _ = v.shape
+        Hp, Wp = v.shape[1], v.shape[2]
         n = self.num_regions
         if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
             return self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp, dtype=q.dtype))
