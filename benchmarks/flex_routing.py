@@ -1,6 +1,7 @@
 """FlexAttention over a block mask made from BRA's routing, against the layer's own fine attention, side by side.
 
     python benchmarks/flex_routing.py --rounds 20                         # CPU: forward only
+    python benchmarks/flex_routing.py --rounds 20 --in-model              # and whole biformer_small eval steps
     python benchmarks/flex_routing.py --device cuda --backward --rounds 20
 
 At BiFormer-S's three routed stages (224x224 input, batch 8: 56x56 maps with 64-token regions and topk 1, 28x28
@@ -17,18 +18,23 @@ layer adds LePE:
 Rounds alternate the two (``bench.round_robin``); medians in ms, the flex/layer ratio, the largest difference of
 the outputs relative to the largest output value, and the time of flex's first call (compilation). FlexAttention
 has no backward on CPU in the torch versions this was written against; ``--backward`` there prints the error.
+``--in-model [TOPK ...]`` also times biformer_small eval steps with flex in its layers of those topks (default 4,
+the second stage) against the unchanged model, round-robin, and prints the paired median ratio.
 """
 import argparse
+import copy
 import statistics
 import time
+from functools import partial
 from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from biformer_zoo.bench import round_robin
+import biformer_zoo  # noqa: F401  (registers the models)
+from biformer_zoo.bench import make_step, round_robin
 from biformer_zoo.layers.bra import BiLevelRoutingAttention, route_regions
-from biformer_zoo.report import TextTable, tables_to_markdown
+from biformer_zoo.report import TextTable, create_model_for_size, tables_to_markdown
 
 # (map side, channels, heads, topk) of BiFormer-S's routed stages at 224x224
 STAGES: List[Tuple[int, int, int, int]] = [(56, 64, 2, 1), (28, 128, 4, 4), (14, 256, 8, 16)]
@@ -63,24 +69,48 @@ def to_regions(x: torch.Tensor, num_regions: int, heads: int) -> torch.Tensor:
     return x.reshape(B, heads, H * W, C // heads)
 
 
-def flex_fine_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        routed: torch.Tensor, base: torch.Tensor, flex: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """``base + attention`` with flex over region-major tokens; (B, H, W, *) maps in, (B, H, W, dim) out."""
+def flex_region_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          routed: torch.Tensor, flex: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """What ``layer.fine_attention`` computes, with flex over region-major tokens.
+
+    (B, H, W, *) maps in; (B, n, rh, n, rw, heads, d) out, a view whose memory is in region order (the layer adds
+    its row-major LePE map to it, as to its gather path's output).
+    """
     B, H, W, _ = v.shape
     n, heads = layer.num_regions, layer.num_heads
     rh, rw = H // n, W // n
-    block_mask = routing_block_mask(routed, rh * rw)
-    out = flex(to_regions(q, n, heads), to_regions(k, n, heads), to_regions(v, n, heads), block_mask=block_mask,
-               scale=layer.scale)  # (B, heads, tokens in region order, d)
-    out = out.view(B, heads, n, n, rh, rw, -1).permute(0, 2, 4, 3, 5, 1, 6)  # (B, n, rh, n, rw, heads, d)
-    return (base.view(out.shape) + out).view(B, H, W, -1)
+    out = flex(to_regions(q, n, heads), to_regions(k, n, heads), to_regions(v, n, heads),
+               block_mask=routing_block_mask(routed, rh * rw), scale=layer.scale)  # (B, heads, tokens, d)
+    return out.view(B, heads, n, n, rh, rw, -1).permute(0, 2, 4, 3, 5, 1, 6)
 
 
-def layer_fine_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         routed: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``base + attention`` as the layer computes it; (B, H, W, *) maps in, (B, H, W, dim) out."""
-    out = layer.fine_attention(q, k, v, routed)
+def _plus_base(out: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base`` (B, H, W, C) plus an attention output in any of the layouts above, row-major, as the layer adds LePE."""
     return (base.view(out.shape) + out).view(base.shape)
+
+
+def model_ratio(name: str = 'biformer_small', topks: Tuple[int, ...] = (4,), batch_size: int = 8, img_size: int = 224,
+                rounds: int = 20, warmup: int = 2, compiled: bool = True,
+                device: str = 'cpu') -> Tuple[float, float, float, float]:
+    """Eval step time of ``name`` with flex in its BRA layers of the given ``topks`` over the unchanged model's.
+
+    Returns the paired median ratio, its lower and upper quartiles, and the largest logit difference relative to the
+    largest logit.
+    """
+    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    model = create_model_for_size(name, (img_size, img_size)).eval().to(device)
+    patched = copy.deepcopy(model)
+    for module in patched.modules():
+        if isinstance(module, BiLevelRoutingAttention) and module.topk in topks:
+            module.fine_attention = partial(flex_region_attention, module, flex=flex)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    with torch.inference_mode():
+        reference = model(x)
+        difference = ((patched(x) - reference).abs().max() / reference.abs().max()).item()
+    samples = round_robin({'layer': make_step(model, x, 'infer'), 'flex': make_step(patched, x, 'infer')}, rounds,
+                          device, warmup=warmup)
+    ratios = sorted(f / m for f, m in zip(samples['flex'], samples['layer']))
+    return ratios[len(ratios) // 2], ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4], difference
 
 
 def measure(batch_size: int = 8, rounds: int = 10, warmup: int = 2, device: str = 'cpu', backward: bool = False,
@@ -95,8 +125,8 @@ def measure(batch_size: int = 8, rounds: int = 10, warmup: int = 2, device: str 
                                torch.randn(batch_size, 49, dim, device=device), topk)
         label = f'{batch_size}x{side}x{side}x{dim}, {heads} heads, topk {topk}'
         functions: Dict[str, Callable[..., torch.Tensor]] = {
-            'layer': lambda *t: layer_fine_attention(layer, *t, routed, base),
-            'flex': lambda *t: flex_fine_attention(layer, *t, routed, base, flex)}
+            'layer': lambda *t: _plus_base(layer.fine_attention(*t, routed), base),
+            'flex': lambda *t: _plus_base(flex_region_attention(layer, *t, routed, flex), base)}
         for mode in (('forward', 'forward + backward') if backward else ('forward',)):
             inputs = [x.detach().requires_grad_(mode != 'forward') for x in (q, k, v)]
 
@@ -134,6 +164,8 @@ def main() -> None:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--backward', action='store_true', help='also time forward + backward')
     parser.add_argument('--eager', action='store_true', help='run flex_attention without torch.compile')
+    parser.add_argument('--in-model', type=int, nargs='*', metavar='TOPK',
+                        help='also time biformer_small eval steps with flex in its layers of these topks (default 4)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = measure(args.batch_size, args.rounds, device=args.device, backward=args.backward, compiled=not args.eager)
@@ -142,6 +174,13 @@ def main() -> None:
     columns = ['stage shape', 'mode', 'layer (ms)', 'flex (ms)', 'flex / layer', 'max difference',
                'flex first call (s)']
     print(tables_to_markdown([TextTable(title, columns, rows)]))
+    if args.in_model is not None:
+        topks = tuple(args.in_model or (4,))
+        ratio, low, high, difference = model_ratio(topks=topks, batch_size=args.batch_size, rounds=args.rounds,
+                                                   compiled=not args.eager, device=args.device)
+        print(f'biformer_small eval step (batch {args.batch_size}) with flex in its topk {topks} layers / unchanged: '
+              f'{ratio:.3f}x paired median (quartiles {low:.3f}-{high:.3f}) over {args.rounds} rounds; logits differ '
+              f'by {difference:.1e} of the largest')
 
 
 if __name__ == '__main__':

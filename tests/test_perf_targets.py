@@ -162,3 +162,12 @@ def test_flex_routing_matches_the_layer_and_times_both():
     backward = [row for row in rows if row[1] == 'forward + backward']
     assert len(backward) == 2
     assert all(row[4].startswith('flex failed') or float(row[5]) < 1e-5 for row in backward)
+
+
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
+def test_flex_routing_in_model_gives_the_same_logits():
+    """benchmarks/flex_routing.py --in-model: flex in the topk-4 layers leaves the logits as they were."""
+    flex = _load_benchmark('flex_routing')
+    ratio, low, high, difference = flex.model_ratio('biformer_tiny', topks=(4,), batch_size=1, img_size=64, rounds=2,
+                                                    warmup=0, compiled=False)
+    assert 0 < low <= ratio <= high and difference < 1e-5
