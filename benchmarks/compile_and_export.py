@@ -21,6 +21,7 @@ import torch
 import timm
 
 import biformer_zoo  # noqa: F401
+from biformer_zoo.report import TextTable, tables_to_markdown
 
 
 def _median_latency_ms(fn: Callable[[], Any], rounds: int) -> float:
@@ -107,19 +108,19 @@ def run(name: str, size: int, second_size: int, rounds: int, onnx: bool) -> Dict
     return result
 
 
-def _markdown(results: List[Dict[str, Any]]) -> str:
-    lines = ['| model | graph breaks | eager ms | compiled ms | speedup | compile s | recompile s (2nd size) '
-             '| max abs diff | ONNX opset | ORT ms | ORT max abs diff (cls / features) | dynamic H/W ONNX |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+def _markdown(results: List[Dict[str, Any]], title: str) -> str:
+    columns = ['model', 'graph breaks', 'eager ms', 'compiled ms', 'speedup', 'compile s', 'recompile s (2nd size)',
+               'max abs diff', 'ONNX opset', 'ORT ms', 'ORT max abs diff (cls / features)', 'dynamic H/W ONNX']
+    rows = []
     for r in results:
         onnx, feats = r.get('onnx', {}), r.get('onnx_features_only', {})
-        lines.append(
-            f"| {r['model']} | {r['graph_breaks']} | {r['eager_ms']} | {r['compiled_ms']} | {r['speedup']}x "
-            f"| {r['compile_s']} | {r['recompile_s']} ({r['second_size']} px) | {r['compiled_max_abs_diff']:.1e} "
-            f"| {onnx.get('opset', '-')} | {onnx.get('ort_ms', '-')} "
-            f"| {onnx.get('max_abs_diff', float('nan')):.1e} / {feats.get('max_abs_diff', float('nan')):.1e} "
-            f"| {r.get('onnx_dynamic_hw', '-')} |")
-    return '\n'.join(lines)
+        rows.append([
+            r['model'], str(r['graph_breaks']), str(r['eager_ms']), str(r['compiled_ms']), f"{r['speedup']}x",
+            str(r['compile_s']), f"{r['recompile_s']} ({r['second_size']} px)", f"{r['compiled_max_abs_diff']:.1e}",
+            str(onnx.get('opset', '-')), str(onnx.get('ort_ms', '-')),
+            f"{onnx.get('max_abs_diff', float('nan')):.1e} / {feats.get('max_abs_diff', float('nan')):.1e}",
+            str(r.get('onnx_dynamic_hw', '-'))])
+    return tables_to_markdown([TextTable(title, columns, rows, label_columns=1)])
 
 
 def main() -> None:
@@ -139,7 +140,7 @@ def main() -> None:
         if args.format == 'json':
             print(json.dumps(results[-1]), flush=True)
     if args.format == 'markdown':
-        print(_markdown(results))
+        print(_markdown(results, f'{args.size} px, batch 1, {args.threads} thread(s), median of {args.rounds} runs'))
 
 
 if __name__ == '__main__':
