@@ -314,9 +314,10 @@ class BiLevelRoutingAttention(nn.Module):
         k = F.linear(x, k_weight, k_bias)  # (B, Hp, Wp, qk_dim)
         v = F.linear(x, v_weight, v_bias)  # (B, Hp, Wp, dim)
 
-        # coarse level: route each region by the mean of its queries and keys
-        q_regions = F.avg_pool2d(q.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
-        k_regions = F.avg_pool2d(k.detach().permute(0, 3, 1, 2), (rh, rw)).flatten(2).transpose(1, 2)
+        # coarse level: route each region by the mean of its queries and keys (a reshape and a mean rather than a
+        # pooling kernel computed from the map size, so that the TorchScript-based ONNX exporter traces it)
+        q_regions = q.detach().view(B, n, rh, n, rw, self.qk_dim).mean((2, 4)).flatten(1, 2)  # (B, regions, qk_dim)
+        k_regions = k.detach().view(B, n, rh, n, rw, self.qk_dim).mean((2, 4)).flatten(1, 2)  # (B, regions, qk_dim)
         routed = route_regions(q_regions * self.scale, k_regions, self.topk)
 
         out = self.fine_attention(q, k, v, routed)
