@@ -3,8 +3,8 @@
     python benchmarks/custom_backward.py --threads 2 --rounds 10
 
 - ``BiLevelRoutingAttention`` forward + backward at BiFormer-S's stage 1 and 2 shapes (batch 8, 224 input, gather
-  path): the explicit attention backward (recomputed probabilities, bmm; what runs off CPU) against the CPU
-  flash-attention backward that is the default on CPU.
+  path): the backward that recomputes SDPA's forward (what the gather path runs where the CPU flash kernels are
+  missing) against the CPU flash-attention backward that is the default on CPU.
 - CrossFormer's grouped attention with a position bias that needs a gradient (training), at CrossFormer-S's stage
   1-4 shapes (batch 8, 224 input): ``F.scaled_dot_product_attention`` (its math path on CPU) against
   ``lsda.explicit_attention``, what the layer runs there.

@@ -12,8 +12,10 @@ layer adds LePE:
 - ``layer``: ``BiLevelRoutingAttention.fine_attention``, i.e. what the layer runs (gathered rows + SDPA in stages
   1-2, masked dense SDPA in stage 3).
 - ``flex``: q, k, v copied into region-major token order, ``flex_attention`` (compiled, unless ``--eager``) with a
-  ``BlockMask`` whose key blocks are the routed regions (``BlockMask.from_kv_blocks``, one block per region, all
-  blocks full, so no mask function runs), and the output added back in row-major order.
+  ``BlockMask`` whose key blocks are the routed regions (``_routed_flex.region_block_mask``, one block per region,
+  all blocks full, so no mask function runs), and the output added back in row-major order. The layer's own
+  ``attn_impl='flex'`` (its CUDA default) runs the same with CUDA kernel tiles; ``benchmarks/cuda_report.py``
+  measures it on a GPU.
 
 Rounds alternate the two (``bench.round_robin``); medians in ms, the flex/layer ratio, the largest difference of
 the outputs relative to the largest output value, and the time of flex's first call (compilation). FlexAttention
@@ -29,44 +31,16 @@ from functools import partial
 from typing import Callable, Dict, List, Tuple
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 import biformer_zoo  # noqa: F401  (registers the models)
 from biformer_zoo.bench import make_step, round_robin
+from biformer_zoo.layers._routed_flex import region_block_mask, to_region_major
 from biformer_zoo.layers.bra import BiLevelRoutingAttention, route_regions
 from biformer_zoo.report import TextTable, create_model_for_size, tables_to_markdown
 
 # (map side, channels, heads, topk) of BiFormer-S's routed stages at 224x224
 STAGES: List[Tuple[int, int, int, int]] = [(56, 64, 2, 1), (28, 128, 4, 4), (14, 256, 8, 16)]
-
-
-def routing_block_mask(routed: torch.Tensor, tokens: int) -> BlockMask:
-    """Block mask letting query region i attend to the whole of each region in ``routed[b, i]``.
-
-    Args:
-        routed: (B, regions, topk) region indices, as ``route_regions`` returns them.
-        tokens: Tokens per region, the block size; the sequence is in region-major order.
-    """
-    batch, regions, topk = routed.shape
-    num_blocks = torch.full((batch, 1, regions), topk, dtype=torch.int32, device=routed.device)
-    indices = torch.zeros(batch, 1, regions, regions, dtype=torch.int32, device=routed.device)
-    indices[..., :topk] = routed.sort(dim=-1).values.unsqueeze(1)  # ascending key blocks, the order flex walks
-    allowed = torch.zeros(batch, regions, regions, dtype=torch.bool, device=routed.device).scatter_(2, routed, True)
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
-        # compiled flex skips it on full blocks (all blocks here); eager flex applies it to every score
-        return allowed[b, q_index // tokens, kv_index // tokens]
-
-    return BlockMask.from_kv_blocks(torch.zeros_like(num_blocks), torch.zeros_like(indices), num_blocks, indices,
-                                    BLOCK_SIZE=tokens, mask_mod=mask_mod)
-
-
-def to_regions(x: torch.Tensor, num_regions: int, heads: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B, heads, H * W, C / heads) with the tokens of each region consecutive."""
-    B, H, W, C = x.shape
-    n = num_regions
-    x = x.view(B, n, H // n, n, W // n, heads, C // heads).permute(0, 5, 1, 3, 2, 4, 6)
-    return x.reshape(B, heads, H * W, C // heads)
 
 
 def flex_region_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -79,8 +53,9 @@ def flex_region_attention(layer: BiLevelRoutingAttention, q: torch.Tensor, k: to
     B, H, W, _ = v.shape
     n, heads = layer.num_regions, layer.num_heads
     rh, rw = H // n, W // n
-    out = flex(to_regions(q, n, heads), to_regions(k, n, heads), to_regions(v, n, heads),
-               block_mask=routing_block_mask(routed, rh * rw), scale=layer.scale)  # (B, heads, tokens, d)
+    tokens = rh * rw  # whole regions, no padding, at these sizes
+    out = flex(*(to_region_major(x, n, heads, tokens) for x in (q, k, v)),
+               block_mask=region_block_mask(routed, tokens, tokens), scale=layer.scale)  # (B, heads, H * W, d)
     return out.view(B, heads, n, n, rh, rw, -1).permute(0, 2, 4, 3, 5, 1, 6)
 
 

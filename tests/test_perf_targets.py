@@ -139,15 +139,6 @@ def test_thread_scaling_times_every_kernel_with_one_and_two_threads():
         assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith('x') and float(row[5]) >= 0
 
 
-def test_flex_routing_block_mask_keeps_exactly_the_routed_regions():
-    """benchmarks/flex_routing.py: the block mask built from the routing equals the layer's token mask."""
-    flex = _load_benchmark('flex_routing')
-    routed = torch.rand(2, 49, 49).topk(4, dim=-1).indices
-    dense = flex.routing_block_mask(routed, tokens=4).to_dense()  # (B, 1, query blocks, key blocks)
-    expected = torch.zeros(2, 49, 49, dtype=torch.int32).scatter_(2, routed, 1)
-    assert torch.equal(dense[:, 0], expected)
-
-
 @pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 def test_flex_routing_matches_the_layer_and_times_both():
     """benchmarks/flex_routing.py with eager flex (no compiler needed): outputs equal to the layer's, both timed,

@@ -19,21 +19,35 @@ with an additive mask (0 or -inf) that allows exactly the routed regions. The re
 scores get zero weight); only the wasted multiplications differ, so FLOP counts use the routed path
 (``count_routed``).
 
+On CUDA the fine level runs through FlexAttention (``_routed_flex``): the tokens in region-major order and a block
+mask built from the routing indices, so no routed keys/values are gathered in forward or scattered in backward.
+
+Which execution runs is chosen per call (``attn_impl='auto'``) and never changes the result beyond rounding; the
+``attn_impl`` argument and the ``routed_attention_impl`` context manager select one, ``'reference'`` being the plain
+math of ``routed_attention`` under ordinary autograd.
+
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
 """
+import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from functools import partial
+from typing import ContextManager, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from ._routed_flex import flex_available, flex_routed_attention
 from .conv import DepthwiseConv2d
 
 __all__ = [
-    'BiLevelRoutingAttention', 'AttentionLePE', 'route_regions', 'routed_attention', 'routing_mask', 'count_routed']
+    'BiLevelRoutingAttention', 'AttentionLePE', 'ATTN_IMPLS', 'route_regions', 'routed_attention', 'routing_mask',
+    'routed_attention_impl', 'count_routed']
+
+# executions of the fine level: chosen per call, or the plain math, or one of the fast paths
+ATTN_IMPLS = ('auto', 'reference', 'gather', 'dense', 'flex')
 
 
 def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> torch.Tensor:
@@ -146,12 +160,13 @@ def _attention_backward(
         v: torch.Tensor,
         scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of softmax attention w.r.t. q, k and v, recomputing the probabilities."""
-    probs = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-    grad_v = probs.transpose(-2, -1) @ grad_out
-    grad_probs = grad_out @ v.transpose(-2, -1)
-    grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * scale
-    return grad_logits @ k, grad_logits.transpose(-2, -1) @ q, grad_v
+    """Gradients of ``F.scaled_dot_product_attention`` w.r.t. q, k and v, recomputing its forward.
+
+    Recomputing costs one more (fused) attention forward, and keeps SDPA's fused backward kernels (flash or
+    memory-efficient attention on CUDA) instead of materialising the probabilities.
+    """
+    _, attention_vjp = torch.func.vjp(partial(F.scaled_dot_product_attention, scale=scale), q, k, v)
+    return attention_vjp(grad_out)
 
 
 class _RoutedAttention(torch.autograd.Function):
@@ -159,8 +174,7 @@ class _RoutedAttention(torch.autograd.Function):
 
     Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
     Here backward gathers them again (with ``topk=1`` only the values: the gathered queries and keys are kept), runs
-    the attention backward and sums the gradients of repeated keys/values back into their tokens (``index_add_`` on
-    CPU, an accumulating ``index_put_`` elsewhere; both deterministic).
+    the attention backward and sums the gradients of repeated keys/values back into their tokens (``index_add_``).
     On CPU, forward and backward call the flash-attention kernels directly, so backward reuses the forward's output
     and log-sum-exp instead of recomputing the probabilities.
 
@@ -224,12 +238,10 @@ class _RoutedAttention(torch.autograd.Function):
         # every token is the query of exactly one region; routed keys/values repeat, so they accumulate
         q_shape, k_shape, v_shape = ctx.rows_shapes
         grad_q_rows = grad_q.new_empty(q_shape).index_copy_(0, q_rows_index, rows(grad_q))
-        if grad_q.device.type == 'cpu':  # parallel and deterministic on CPU (an accumulating index_put_ is serial)
-            grad_k_rows = grad_k.new_zeros(k_shape).index_add_(0, kv_rows_index, rows(grad_k))
-            grad_v_rows = grad_v.new_zeros(v_shape).index_add_(0, kv_rows_index, rows(grad_v))
-        else:  # deterministic under torch.use_deterministic_algorithms on CUDA
-            grad_k_rows = grad_k.new_zeros(k_shape).index_put_((kv_rows_index,), rows(grad_k), accumulate=True)
-            grad_v_rows = grad_v.new_zeros(v_shape).index_put_((kv_rows_index,), rows(grad_v), accumulate=True)
+        # index_add_: parallel and deterministic on CPU; atomic adds on CUDA, which under
+        # torch.use_deterministic_algorithms(True) becomes a deterministic accumulating index_put_
+        grad_k_rows = grad_k.new_zeros(k_shape).index_add_(0, kv_rows_index, rows(grad_k))
+        grad_v_rows = grad_v.new_zeros(v_shape).index_add_(0, kv_rows_index, rows(grad_v))
         return grad_q_rows, grad_k_rows, grad_v_rows, None, None, None, None
 
 
@@ -247,10 +259,17 @@ class BiLevelRoutingAttention(nn.Module):
         qk_scale: Attention temperature; default ``qk_dim ** -0.5`` (over all heads, as in the official code).
         side_dwconv: Kernel of the LePE depthwise conv on the values; 0 disables it.
         channels_last: Take and return (B, H, W, C) tensors instead of (B, C, H, W).
+        attn_impl: How the fine level runs; the result is the same up to rounding. ``'reference'``: the plain math
+            (``routed_attention``: gathered routed tokens, SDPA, ordinary autograd). ``'gather'``: the same
+            forward with a custom backward that keeps only the projected tokens. ``'dense'``: every token over the
+            whole map, masked to its routed regions. ``'flex'``: FlexAttention over region-major tokens with a
+            block mask from the routing (CUDA). ``'auto'`` (default): ``'dense'`` where it wastes little, else
+            ``'flex'`` on CUDA and ``'gather'`` elsewhere; ``'reference'`` when scripting, tracing or capturing a
+            CUDA graph.
 
-    Attributes ``dense_max_ratio`` and ``dense_max_tokens`` choose the execution, not the result: the masked dense
-    path runs when it computes at most ``dense_max_ratio`` times the routed attention scores
-    (``num_regions**2 <= dense_max_ratio * topk``) and the padded map has at most ``dense_max_tokens`` tokens.
+    Attributes ``dense_max_ratio`` and ``dense_max_tokens`` tune ``'auto'``: the masked dense path runs when it
+    computes at most ``dense_max_ratio`` times the routed attention scores (``num_regions**2 <= dense_max_ratio *
+    topk``) and the padded map has at most ``dense_max_tokens`` tokens.
     """
 
     def __init__(
@@ -263,9 +282,11 @@ class BiLevelRoutingAttention(nn.Module):
             qk_scale: Optional[float] = None,
             side_dwconv: int = 5,
             channels_last: bool = False,
+            attn_impl: str = 'auto',
     ):
         super().__init__()
         qk_dim = qk_dim or dim
+        _check_impl(attn_impl)
         if num_regions < 1:
             raise ValueError(f'num_regions (n_win) must be >= 1, got {num_regions}')
         if not 1 <= topk <= num_regions ** 2:
@@ -281,6 +302,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.topk = topk
         self.scale = qk_scale or qk_dim ** -0.5
         self.channels_last = channels_last
+        self.attn_impl = attn_impl
         self.dense_max_ratio = 4.0
         self.dense_max_tokens = 1024
 
@@ -334,16 +356,39 @@ class BiLevelRoutingAttention(nn.Module):
 
     def fine_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, on the path the layer picks.
+        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, as ``attn_impl`` says.
 
-        Returns (B, Hp, Wp, dim) from the masked dense path, or (B, n, rh, n, rw, dim) from the gather path (a view
-        whose memory is in region order).
+        Returns (B, Hp, Wp, dim) from the masked dense path, or a view whose memory is in region order from the
+        others ((B, n, rh, n, rw, dim) from the gathered paths, (B, n, rh, n, rw, heads, dim / heads) from flex).
         """
-        Hp, Wp = v.shape[1], v.shape[2]
+        impl = self.attn_impl
+        if impl == 'auto':
+            impl = self._choose_impl(v)
+            if impl == 'flex' and not torch.compiler.is_compiling():  # compiled models: errors surface at compile
+                try:
+                    return flex_routed_attention(q, k, v, routed, self.num_regions, self.num_heads, self.scale)
+                except Exception as e:  # noqa: BLE001  (a torch/Triton build that cannot compile these kernels)
+                    impl = _flex_failed(v, e)
+        if impl == 'dense':
+            Hp, Wp = v.shape[1], v.shape[2]
+            return self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
+        if impl == 'flex':
+            return flex_routed_attention(q, k, v, routed, self.num_regions, self.num_heads, self.scale,
+                                         compiled=v.device.type == 'cuda')
+        return self._gathered_attention(q, k, v, routed, custom_backward=impl == 'gather')
+
+    def _choose_impl(self, v: torch.Tensor) -> str:
+        """What ``'auto'`` runs for projected values ``v`` (B, Hp, Wp, dim)."""
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return 'reference'  # what TorchScript, ONNX export and FLOP counters can follow
+        if v.device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+            return 'reference'  # building FlexAttention's block mask does not record into a CUDA graph
         n = self.num_regions
-        if n * n <= self.dense_max_ratio * self.topk and Hp * Wp <= self.dense_max_tokens:
-            return self._masked_dense_attention(q, k, v, routing_mask(routed, n, Hp, Wp, dtype=q.dtype))
-        return self._gathered_attention(q, k, v, routed)
+        if n * n <= self.dense_max_ratio * self.topk and v.shape[1] * v.shape[2] <= self.dense_max_tokens:
+            return 'dense'
+        if flex_available(v.device) and (v.dtype, v.requires_grad and torch.is_grad_enabled()) not in _FLEX_FAILURES:
+            return 'flex'
+        return 'gather'
 
     def _masked_dense_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -356,11 +401,12 @@ class BiLevelRoutingAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, heads, Hp * Wp, d)
         return out.transpose(1, 2).reshape(B, Hp, Wp, self.dim)
 
-    def _gathered_attention(
-            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    def _gathered_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor,
+                            custom_backward: bool = True) -> torch.Tensor:
         """Every region's queries over the gathered tokens of its routed regions.
 
-        (B, Hp, Wp, *) -> (B, n, rh, n, rw, dim), a view whose memory is in region order.
+        (B, Hp, Wp, *) -> (B, n, rh, n, rw, dim), a view whose memory is in region order. ``custom_backward``:
+        when gradients are needed, the autograd Function that keeps only the projected tokens for backward.
         """
         B, Hp, Wp, _ = v.shape
         n = self.num_regions
@@ -374,7 +420,7 @@ class BiLevelRoutingAttention(nn.Module):
         # fine level: token attention within the routed regions
         rows = B * Hp * Wp
         q, k, v = q.reshape(rows, self.qk_dim), k.reshape(rows, self.qk_dim), v.reshape(rows, self.dim)
-        if torch.jit.is_scripting() or not (
+        if torch.jit.is_scripting() or not custom_backward or not (
                 torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             out = routed_attention(q, k, v, q_index, kv_index, self.num_heads, self.scale)
         else:
@@ -383,22 +429,52 @@ class BiLevelRoutingAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3)
 
 
-@contextmanager
-def count_routed(model: nn.Module) -> Iterator[nn.Module]:
-    """Run every ``BiLevelRoutingAttention`` of ``model`` on the gather path inside the block.
+_FLEX_FAILURES = set()  # (dtype, training) pairs whose FlexAttention kernels failed to compile in this process
 
-    FLOP counters count what runs; the masked dense path multiplies scores that the routing then discards, so
-    counts meant to describe BiFormer (the paper's and the official fvcore numbers) are taken under this.
+
+def _flex_failed(v: torch.Tensor, error: Exception) -> str:
+    """Warn once per (dtype, training) that 'auto' leaves flex for the gather path, and return 'gather'."""
+    key = (v.dtype, v.requires_grad and torch.is_grad_enabled())
+    if key not in _FLEX_FAILURES:
+        _FLEX_FAILURES.add(key)
+        warnings.warn(
+            f'BiLevelRoutingAttention: FlexAttention could not be compiled for {v.dtype} '
+            f'{"training" if key[1] else "inference"} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); '
+            f"attn_impl='auto' uses the gather path instead. Set attn_impl='gather' (or 'reference') to skip the "
+            f'attempt, or update torch/triton.', RuntimeWarning, stacklevel=3)
+    return 'gather'
+
+
+def _check_impl(attn_impl: str) -> None:
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+
+
+@contextmanager
+def routed_attention_impl(model: nn.Module, attn_impl: str) -> Iterator[nn.Module]:
+    """Run every ``BiLevelRoutingAttention`` of ``model`` with ``attn_impl`` inside the block, then restore them.
+
+    ``with routed_attention_impl(model, 'reference'):`` runs the plain math, e.g. to check a fast path against it.
     """
+    _check_impl(attn_impl)
     layers = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
-    saved = [m.dense_max_ratio for m in layers]
+    saved = [m.attn_impl for m in layers]
     for m in layers:
-        m.dense_max_ratio = 0.0
+        m.attn_impl = attn_impl
     try:
         yield model
     finally:
         for m, value in zip(layers, saved):
-            m.dense_max_ratio = value
+            m.attn_impl = value
+
+
+def count_routed(model: nn.Module) -> ContextManager[nn.Module]:
+    """Run every ``BiLevelRoutingAttention`` of ``model`` on the plain routed math inside the block.
+
+    FLOP counters count what runs; the masked dense path multiplies scores that the routing then discards, so
+    counts meant to describe BiFormer (the paper's and the official fvcore numbers) are taken under this.
+    """
+    return routed_attention_impl(model, 'reference')
 
 
 @register_notrace_module

@@ -1,0 +1,369 @@
+"""Speed and memory on one CUDA GPU, side by side in one process: the zoo's models, timm's Swin, the official BiFormer-S.
+
+    python benchmarks/cuda_report.py --official-biformer ../BiFormer       # writes benchmarks/results/cuda.json
+    python benchmarks/cuda_report.py --render benchmarks/results/cuda.json # its tables as markdown (docs/performance.md)
+    python benchmarks/cuda_report.py --quick --device cpu --out /tmp/q.json # smoke test: tiny sizes, any device
+
+Groups, each one round-robin over its models (``bench.round_robin``: a step of every model per round, the first
+model rotating), bf16 autocast, random weights and inputs:
+
+- ``eval``: img/s at batch 128, 224x224, under ``inference_mode``.
+- ``train``: img/s at batch 64, 224x224: forward, cross-entropy on random labels, backward, AdamW step; and peak
+  memory, the most one training step holds: the model's parameters, buffers, gradients, AdamW state and input, plus
+  what the step allocates on top (``torch.cuda.max_memory_allocated``).
+- ``detection``: ``features_only`` training step (loss: the mean of every feature map) at 800x1216, batch 2: ms per
+  step and peak memory as above.
+- ``layers``: one ``BiLevelRoutingAttention`` at each routed stage shape of BiFormer-S (batch 64, bf16 autocast,
+  forward + backward), each ``attn_impl``, and FlexAttention with several region paddings (``tile``) and ways of
+  passing its kernel tiles; ms per call, or the error. The fastest FlexAttention setting that works at every shape
+  becomes the one the models use for the rest of the run (``flex_setting`` in the JSON).
+- ``attn_impl``: ``biformer_small`` with each execution of its routed attention (``attn_impl``) and Swin-T, eval
+  and train as above.
+
+Models: ``biformer_small`` and ``crossformer_small`` against Swin-T, ``biformer_base`` against Swin-S, each zoo model
+with its default ``attn_impl='auto'``, and the official BiFormer-S (``--official-biformer``: a clone of
+rayleizhu/BiFormer, imported at run time as ``benchmarks/parity_official.py`` does). ``ratios`` in the JSON: for
+each model, eval and train throughput over its Swin's (> 1 = faster) and peak train memory over its Swin's (< 1 =
+smaller).
+
+A group that fails (e.g. an operator a GPU lacks) is recorded with its error and the others still run.
+"""
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import biformer_zoo  # noqa: F401  (registers the models)
+from biformer_zoo.bench import machine_info, round_robin
+from biformer_zoo.layers import _routed_flex
+from biformer_zoo.layers.bra import ATTN_IMPLS, BiLevelRoutingAttention, route_regions, routed_attention_impl
+from biformer_zoo.report import TextTable, create_model_for_size, tables_to_markdown
+
+HERE = Path(__file__).resolve().parent
+SWIN_T, SWIN_S = 'swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224'
+BASELINE = {'biformer_small': SWIN_T, 'crossformer_small': SWIN_T, 'official_biformer_small': SWIN_T,
+            'biformer_base': SWIN_S}
+OFFICIAL = 'official_biformer_small'
+MIB = 2 ** 20
+
+
+def settings(quick: bool) -> Dict[str, Any]:
+    if quick:
+        return dict(img_size=64, eval_batch=4, train_batch=2, detection_size=(96, 128), detection_batch=1, rounds=2,
+                    warmup=1)
+    return dict(img_size=224, eval_batch=128, train_batch=64, detection_size=(800, 1216), detection_batch=2,
+                rounds=10, warmup=3)
+
+
+def with_attn_impl(model: nn.Module, attn_impl: str) -> nn.Module:
+    """``model`` with every routed attention layer set to ``attn_impl``."""
+    for module in model.modules():
+        if isinstance(module, BiLevelRoutingAttention):
+            module.attn_impl = attn_impl
+    return model
+
+
+def build(label: str, size: Tuple[int, int], official: Optional[Path], **kwargs: Any) -> nn.Module:
+    """A model by label: a timm name, ``name[attn_impl]``, or ``official_biformer_small``."""
+    if label == OFFICIAL:
+        spec = importlib.util.spec_from_file_location('parity_official', HERE / 'parity_official.py')
+        parity = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(parity)
+        parity.check_repo('biformer', official)
+        model = parity.load_official_biformer(official)['biformer_small']()
+        for module in model.modules():  # the official padding of maps the regions do not divide (none at 224)
+            if hasattr(module, 'auto_pad'):
+                module.auto_pad = True
+        return model
+    name, _, attn_impl = label.partition('[')
+    model = create_model_for_size(name, size, **kwargs)
+    return with_attn_impl(model, attn_impl.rstrip(']')) if attn_impl else model
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Step:
+    """One eval forward or one training step of a model on a fixed random batch, and its peak memory."""
+
+    def __init__(self, model: nn.Module, batch: int, size: Tuple[int, int], train: bool, device: torch.device,
+                 features: bool = False):
+        self.model, self.train = model.to(device).train(train), train
+        self.inputs = torch.randn(batch, 3, *size, device=device)
+        self.labels = torch.randint(0, 1000, (batch,), device=device)
+        self.features = features
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if train else None
+        self.device = device
+
+    def loss(self, output: Any) -> torch.Tensor:
+        if self.features:
+            return sum(f.float().mean() for f in output)
+        return F.cross_entropy(output.float(), self.labels)
+
+    def __call__(self) -> None:
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if not self.train:
+            with torch.inference_mode(), autocast:
+                self.model(self.inputs)
+            return
+        with autocast:
+            loss = self.loss(self.model(self.inputs))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def peak_mib(self) -> float:
+        """Parameters, buffers, gradients, optimizer state and input, plus the most one step allocates on top."""
+        own = _tensor_bytes(self.model.parameters()) + _tensor_bytes(self.model.buffers()) + _tensor_bytes(
+            [self.inputs])
+        if self.train:
+            own += _tensor_bytes(self.model.parameters())  # gradients, held from backward to the optimizer step
+            own += _tensor_bytes(t for state in self.optimizer.state.values() for t in state.values()
+                                 if isinstance(t, torch.Tensor))
+        if self.device.type != 'cuda':
+            return own / MIB
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self()
+        torch.cuda.synchronize(self.device)
+        return (own + torch.cuda.max_memory_allocated(self.device) - before) / MIB
+
+
+def measure(labels: Sequence[str], batch: int, size: Tuple[int, int], train: bool, s: Dict[str, Any],
+            device: torch.device, official: Optional[Path], features: bool = False,
+            **kwargs: Any) -> Dict[str, Dict[str, Any]]:
+    """Round-robin median ms, img/s and peak MiB of each label; a model that fails to build or run is reported."""
+    results: Dict[str, Dict[str, Any]] = {}
+    steps: Dict[str, Step] = {}
+    for label in labels:
+        try:
+            model = build(label, size, official, **(dict(kwargs, features_only=True) if features else kwargs))
+            steps[label] = Step(model, batch, size, train, device, features)
+            begin = time.perf_counter()
+            steps[label]()  # the first step compiles kernels (FlexAttention's) and is not timed
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            results[label] = dict(first_step_s=time.perf_counter() - begin)
+        except Exception as e:  # noqa: BLE001  (recorded, and the other models still run)
+            results[label] = dict(error=f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+            steps.pop(label, None)
+            traceback.print_exc()
+    samples = round_robin(dict(steps), s['rounds'], device, warmup=s['warmup'])
+    for label, step in steps.items():
+        median = statistics.median(samples[label])
+        quartiles = statistics.quantiles(samples[label], n=4) if len(samples[label]) > 1 else [median] * 3
+        results[label].update(ms=median, ms_p25=quartiles[0], ms_p75=quartiles[2], img_s=batch / median * 1e3,
+                              peak_mib=step.peak_mib(), params_m=sum(p.numel() for p in step.model.parameters()) / 1e6)
+    del steps
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    return results
+
+
+# BiFormer-S's routed stages at 224: (map side, channels, heads, topk)
+STAGES = [(56, 64, 2, 1), (28, 128, 4, 4), (14, 256, 8, 16)]
+FLEX_SETTINGS = [(32, 'plain'), (32, 'prefixed'), (64, 'none')]
+
+
+def layer_rows(batch: int, s: Dict[str, Any], device: torch.device, stages=STAGES,
+               flex_settings=FLEX_SETTINGS) -> Dict[str, Any]:
+    """ms per forward + backward of one BRA layer at each stage shape, per execution; the best flex setting."""
+    results: Dict[str, Any] = {}
+    for side, dim, heads, topk in stages:
+        torch.manual_seed(0)
+        layer = BiLevelRoutingAttention(dim, heads, 7, topk, channels_last=True).to(device)
+        x = torch.randn(batch, side, side, dim, device=device, requires_grad=True)
+        q, k, v = (torch.randn(batch, side, side, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        routed = route_regions(torch.randn(batch, 49, dim, device=device), torch.randn(batch, 49, dim, device=device),
+                               topk)
+
+        def layer_step(impl: str) -> None:
+            with routed_attention_impl(layer, impl), torch.autocast(device.type, dtype=torch.bfloat16):
+                out = layer(x)
+            out.float().sum().backward()
+
+        def flex_step(tile: int, style: str) -> None:
+            out = _routed_flex.flex_routed_attention(q, k, v, routed, 7, heads, layer.scale,
+                                                     compiled=device.type == 'cuda', tile=tile, options_style=style)
+            out.float().sum().backward()
+
+        steps = {f'layer[{impl}]': (lambda impl=impl: layer_step(impl)) for impl in ATTN_IMPLS if impl != 'auto'}
+        if topk < 16:  # stage 3 runs dense
+            steps.update({f'flex tile {t} {style}': (lambda t=t, style=style: flex_step(t, style))
+                          for t, style in flex_settings})
+        shape = f'{batch}x{side}x{side}x{dim}, topk {topk}'
+        results[shape] = {}
+        working = {}
+        for label, step in steps.items():
+            try:
+                step()
+                working[label] = step
+            except Exception as e:  # noqa: BLE001
+                results[shape][label] = dict(error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
+        samples = round_robin(working, s['rounds'], device, warmup=1)
+        for label in working:
+            results[shape][label] = dict(ms=statistics.median(samples[label]))
+    # the flex setting that works at the first two shapes (stage 3 runs dense) with the least total time
+    totals = {}
+    for tile, style in flex_settings:
+        label = f'flex tile {tile} {style}'
+        times = [results[shape][label].get('ms') for shape in list(results)[:2]]
+        if all(t is not None for t in times):
+            totals[(tile, style)] = sum(times)
+    best = min(totals, key=totals.get) if totals else None
+    return dict(shapes=results, best_flex=list(best) if best else None)
+
+
+def ratios(eval_results: Dict[str, Dict[str, Any]], train_results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Throughput over the Swin of the model's class (> 1 faster) and peak train memory over it (< 1 smaller)."""
+    out = {}
+    for model, baseline in BASELINE.items():
+        entry = {}
+        for key, results, field in (('eval', eval_results, 'img_s'), ('train', train_results, 'img_s'),
+                                    ('memory', train_results, 'peak_mib')):
+            if field in results.get(model, {}) and field in results.get(baseline, {}):
+                entry[key] = results[model][field] / results[baseline][field]
+        if entry:
+            out[model] = dict(entry, baseline=baseline)
+    return out
+
+
+def git_commit() -> str:
+    result = subprocess.run(['git', '-C', str(HERE), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True)
+    return result.stdout.strip() or 'unknown'
+
+
+def run(device: torch.device, official: Optional[Path], quick: bool, groups: Sequence[str], out: Path,
+        deadline_s: float, commit: Optional[str] = None) -> Dict[str, Any]:
+    s = settings(quick)
+    size = (s['img_size'], s['img_size'])
+    started = time.perf_counter()
+    report: Dict[str, Any] = dict(
+        device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', torch=torch.__version__,
+        commit=commit or git_commit(), machine=machine_info(device), settings=dict(s, detection_size=list(s['detection_size'])),
+        command=' '.join(['python', 'benchmarks/cuda_report.py', *sys.argv[1:]]), groups={})
+    zoo = ['biformer_small', 'biformer_base', 'crossformer_small']
+    models = [*zoo, SWIN_T, SWIN_S, *([OFFICIAL] if official else [])]
+    def layers() -> Dict[str, Any]:
+        result = layer_rows(s['train_batch'], s, device)
+        if result['best_flex']:  # the models use it from here on
+            _routed_flex.TILE, _routed_flex.KERNEL_OPTIONS_STYLE = result['best_flex']
+        report['flex_setting'] = dict(tile=_routed_flex.TILE, options_style=_routed_flex.KERNEL_OPTIONS_STYLE)
+        return result
+
+    plans: Dict[str, Callable[[], Dict[str, Any]]] = dict(
+        layers=layers,
+        eval=lambda: measure(models, s['eval_batch'], size, False, s, device, official),
+        train=lambda: measure(models, s['train_batch'], size, True, s, device, official),
+        attn_impl=lambda: {mode: measure([*(f'biformer_small[{impl}]' for impl in ATTN_IMPLS), SWIN_T], batch, size,
+                                         train, s, device, None)
+                           for mode, batch, train in (('eval', s['eval_batch'], False),
+                                                      ('train', s['train_batch'], True))},
+        detection=lambda: measure(['biformer_small', 'crossformer_small', SWIN_T], s['detection_batch'],
+                                  s['detection_size'], True, s, device, None, features=True),
+    )
+    for group in groups:
+        if time.perf_counter() - started > deadline_s:
+            report['groups'][group] = dict(error=f'skipped: past the {deadline_s:.0f} s deadline')
+            continue
+        begin = time.perf_counter()
+        try:
+            report['groups'][group] = plans[group]()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            report['groups'][group] = dict(error=f'{type(e).__name__}: {e}')
+        print(f'{group}: {time.perf_counter() - begin:.0f} s', flush=True)
+        if 'eval' in report['groups'] and 'train' in report['groups']:
+            report['ratios'] = ratios(report['groups']['eval'], report['groups']['train'])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + '\n')  # after every group: a cut-off run keeps what it measured
+    return report
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return '–' if value is None else format(value, spec)
+
+
+def tables(report: Dict[str, Any]) -> List[TextTable]:
+    """The report's groups as tables (the rendering in docs/performance.md)."""
+    s, groups = report['settings'], report['groups']
+    out = []
+    notes = [f'{report["device"]}, torch {report["torch"]}, commit {report["commit"]}; bf16 autocast, median of '
+             f'{s["rounds"]} round-robin rounds after {s["warmup"]} warm-up steps. Command: `{report["command"]}`']
+    if 'ratios' in report:
+        rows = []
+        for model, r in report['ratios'].items():
+            e, t = groups['eval'].get(model, {}), groups['train'].get(model, {})
+            rows.append([model, r['baseline'], _fmt(e.get('img_s'), '.0f'), _fmt(r.get('eval'), '.2f'),
+                         _fmt(t.get('img_s'), '.0f'), _fmt(r.get('train'), '.2f'), _fmt(t.get('peak_mib'), '.0f'),
+                         _fmt(r.get('memory'), '.2f')])
+        for swin in (SWIN_T, SWIN_S):
+            e, t = groups['eval'].get(swin, {}), groups['train'].get(swin, {})
+            rows.append([swin, '', _fmt(e.get('img_s'), '.0f'), '1.00', _fmt(t.get('img_s'), '.0f'), '1.00',
+                         _fmt(t.get('peak_mib'), '.0f'), '1.00'])
+        out.append(TextTable(
+            f'Eval (batch {s["eval_batch"]}) and train (batch {s["train_batch"]}, AdamW) at {s["img_size"]}x'
+            f'{s["img_size"]} against the Swin of the same class',
+            ['model', 'compared with', 'eval img/s', 'eval ratio', 'train img/s', 'train ratio', 'train peak MiB',
+             'memory ratio'], rows, label_columns=2, notes=notes))
+    impl = groups.get('attn_impl', {})
+    if 'eval' in impl:
+        rows = [[label, _fmt(impl['eval'].get(label, {}).get('img_s'), '.0f'),
+                 _fmt(impl['train'].get(label, {}).get('img_s'), '.0f'),
+                 _fmt(impl['train'].get(label, {}).get('peak_mib'), '.0f'),
+                 impl['eval'].get(label, {}).get('error') or impl['train'].get(label, {}).get('error') or '']
+                for label in impl['eval']]
+        out.append(TextTable('biformer_small with each attn_impl, and Swin-T, in one round-robin (same batches)',
+                             ['model', 'eval img/s', 'train img/s', 'train peak MiB', 'error'], rows, label_columns=1))
+    detection = groups.get('detection', {})
+    if detection and 'error' not in detection:
+        h, w = s['detection_size']
+        rows = [[label, _fmt(r.get('ms'), '.1f'), _fmt(r.get('peak_mib'), '.0f'), r.get('error', '')]
+                for label, r in detection.items()]
+        out.append(TextTable(f'features_only training step at {h}x{w}, batch {s["detection_batch"]}',
+                             ['model', 'ms per step', 'peak MiB', 'error'], rows, label_columns=1))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--official-biformer', type=Path, default=None, help='clone of rayleizhu/BiFormer')
+    parser.add_argument('--groups', default='layers,eval,train,attn_impl,detection')
+    parser.add_argument('--commit', default=None, help='the commit measured (default: git rev-parse of this tree)')
+    parser.add_argument('--out', type=Path, default=HERE / 'results' / 'cuda.json')
+    parser.add_argument('--deadline', type=float, default=float('inf'), help='start no group after this many s')
+    parser.add_argument('--quick', action='store_true', help='tiny sizes, for a smoke test')
+    parser.add_argument('--render', type=Path, default=None, help='print the tables of a saved report and exit')
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        print(tables_to_markdown(tables(json.loads(args.render.read_text()))))
+        return 0
+    device = torch.device(args.device)
+    # FlexAttention compiles once per attention shape; this run meets more shapes than dynamo's default limit (8)
+    for option in ('recompile_limit', 'cache_size_limit'):
+        if hasattr(torch._dynamo.config, option):
+            setattr(torch._dynamo.config, option, 64)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: torch sees no CUDA device (use --device cpu with --quick for a smoke test)')
+    report = run(device, args.official_biformer, args.quick, args.groups.split(','), args.out, args.deadline,
+                 args.commit)
+    print(tables_to_markdown(tables(report)))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
