@@ -6,7 +6,8 @@
 # Run from the repository root on a machine with a CUDA GPU and torch; wheels in .whl/ (e.g. fvcore, iopath, a
 # timm the package supports) are installed into /tmp/site first when present. Writes OUTPUT_DIR/cuda.json (default
 # benchmarks/results/), OUTPUT_DIR/pytest.log and OUTPUT_DIR/report.log. REPORT_DEADLINE (seconds, default 300)
-# bounds when the report starts its last group; TEST_TIMEOUT (default 200) bounds the tests.
+# bounds when the report starts its last group; TEST_TIMEOUT (default 200) bounds the tests (pytest-timeout: 60 s
+# each); COMMIT names the commit measured where the tree has no usable git metadata.
 set -uo pipefail
 official=${1:-}
 out=${2:-benchmarks/results}
@@ -18,7 +19,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
-python3 benchmarks/cuda_report.py ${official:+--official-biformer "$official"} --out "$out/cuda.json" \
+python3 benchmarks/cuda_report.py ${official:+--official-biformer "$official"} --out "$out/cuda.json" ${COMMIT:+--commit "$COMMIT"} \
   --deadline "${REPORT_DEADLINE:-300}" 2>&1 | tee "$out/report.log" | grep -v Warning | tail -60
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-  tests/test_hardening.py -k 'cuda' --no-header -rfEs 2>&1 | tee "$out/pytest.log" | tail -25
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --timeout 60 tests/test_cuda.py \
+  tests/test_hardening.py -k 'cuda' --no-header -rfEs --tb=short 2>&1 | tee "$out/pytest.log" | tail -40
