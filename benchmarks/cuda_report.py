@@ -14,9 +14,7 @@ model rotating), bf16 autocast, random weights and inputs:
 - ``detection``: ``features_only`` training step (loss: the mean of every feature map) at 800x1216, batch 2: ms per
   step and peak memory as above.
 - ``layers``: one ``BiLevelRoutingAttention`` at each routed stage shape of BiFormer-S (batch 64, bf16 autocast,
-  forward + backward), each ``attn_impl``, and FlexAttention with several region paddings (``tile``) and ways of
-  passing its kernel tiles; ms per call, or the error. The fastest FlexAttention setting that works at every shape
-  becomes the one the models use for the rest of the run (``flex_setting`` in the JSON).
+  forward + backward of the layer), each ``attn_impl``; ms per call, or the error.
 - ``attn_impl``: ``biformer_small`` with each execution of its routed attention (``attn_impl``) and Swin-T, eval
   and train as above.
 
@@ -36,6 +34,7 @@ import subprocess
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,8 +44,7 @@ import torch.nn.functional as F
 
 import biformer_zoo  # noqa: F401  (registers the models)
 from biformer_zoo.bench import machine_info, round_robin
-from biformer_zoo.layers import _routed_flex
-from biformer_zoo.layers.bra import ATTN_IMPLS, BiLevelRoutingAttention, route_regions, routed_attention_impl
+from biformer_zoo.layers.bra import ATTN_IMPLS, BiLevelRoutingAttention, routed_attention_impl
 from biformer_zoo.report import TextTable, create_model_for_size, tables_to_markdown
 
 HERE = Path(__file__).resolve().parent
@@ -67,6 +65,8 @@ def settings(quick: bool) -> Dict[str, Any]:
 
 def with_attn_impl(model: nn.Module, attn_impl: str) -> nn.Module:
     """``model`` with every routed attention layer set to ``attn_impl``."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
     for module in model.modules():
         if isinstance(module, BiLevelRoutingAttention):
             module.attn_impl = attn_impl
@@ -174,57 +174,33 @@ def measure(labels: Sequence[str], batch: int, size: Tuple[int, int], train: boo
 
 # BiFormer-S's routed stages at 224: (map side, channels, heads, topk)
 STAGES = [(56, 64, 2, 1), (28, 128, 4, 4), (14, 256, 8, 16)]
-FLEX_SETTINGS = [(32, 'plain'), (32, 'prefixed'), (64, 'none')]
 
 
-def layer_rows(batch: int, s: Dict[str, Any], device: torch.device, stages=STAGES,
-               flex_settings=FLEX_SETTINGS) -> Dict[str, Any]:
-    """ms per forward + backward of one BRA layer at each stage shape, per execution; the best flex setting."""
+def layer_rows(batch: int, s: Dict[str, Any], device: torch.device, stages=STAGES) -> Dict[str, Any]:
+    """ms per forward + backward of one BRA layer at each stage shape, per ``attn_impl`` (or the error)."""
     results: Dict[str, Any] = {}
     for side, dim, heads, topk in stages:
         torch.manual_seed(0)
         layer = BiLevelRoutingAttention(dim, heads, 7, topk, channels_last=True).to(device)
         x = torch.randn(batch, side, side, dim, device=device, requires_grad=True)
-        q, k, v = (torch.randn(batch, side, side, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        routed = route_regions(torch.randn(batch, 49, dim, device=device), torch.randn(batch, 49, dim, device=device),
-                               topk)
 
-        def layer_step(impl: str) -> None:
+        def step(impl: str) -> None:
             with routed_attention_impl(layer, impl), torch.autocast(device.type, dtype=torch.bfloat16):
                 out = layer(x)
             out.float().sum().backward()
 
-        def flex_step(tile: int, style: str) -> None:
-            out = _routed_flex.flex_routed_attention(q, k, v, routed, 7, heads, layer.scale,
-                                                     compiled=device.type == 'cuda', tile=tile, options_style=style)
-            out.float().sum().backward()
-
-        steps = {f'layer[{impl}]': (lambda impl=impl: layer_step(impl)) for impl in ATTN_IMPLS if impl != 'auto'}
-        if topk < 16:  # stage 3 runs dense
-            steps.update({f'flex tile {t} {style}': (lambda t=t, style=style: flex_step(t, style))
-                          for t, style in flex_settings})
-        shape = f'{batch}x{side}x{side}x{dim}, topk {topk}'
-        results[shape] = {}
+        shape = results[f'{batch}x{side}x{side}x{dim}, topk {topk}'] = {}
         working = {}
-        for label, step in steps.items():
+        for impl in ATTN_IMPLS[1:]:  # 'auto' is one of the others
             try:
-                step()
-                working[label] = step
+                step(impl)
+                working[f'layer[{impl}]'] = partial(step, impl)
             except Exception as e:  # noqa: BLE001
-                results[shape][label] = dict(error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
+                shape[f'layer[{impl}]'] = dict(error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
         samples = round_robin(working, s['rounds'], device, warmup=1)
         for label in working:
-            results[shape][label] = dict(ms=statistics.median(samples[label]))
-    # the flex setting that works at the first two shapes (stage 3 runs dense) with the least total time
-    totals = {}
-    for tile, style in flex_settings:
-        label = f'flex tile {tile} {style}'
-        times = [results[shape][label].get('ms') for shape in list(results)[:2]]
-        if all(t is not None for t in times):
-            totals[(tile, style)] = sum(times)
-    best = min(totals, key=totals.get) if totals else None
-    return dict(shapes=results, best_flex=list(best) if best else None)
+            shape[label] = dict(ms=statistics.median(samples[label]))
+    return dict(shapes=results)
 
 
 def ratios(eval_results: Dict[str, Dict[str, Any]], train_results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -257,15 +233,8 @@ def run(device: torch.device, official: Optional[Path], quick: bool, groups: Seq
         command=' '.join(['python', 'benchmarks/cuda_report.py', *sys.argv[1:]]), groups={})
     zoo = ['biformer_small', 'biformer_base', 'crossformer_small']
     models = [*zoo, SWIN_T, SWIN_S, *([OFFICIAL] if official else [])]
-    def layers() -> Dict[str, Any]:
-        result = layer_rows(s['train_batch'], s, device)
-        if result['best_flex']:  # the models use it from here on
-            _routed_flex.TILE, _routed_flex.KERNEL_OPTIONS_STYLE = result['best_flex']
-        report['flex_setting'] = dict(tile=_routed_flex.TILE, options_style=_routed_flex.KERNEL_OPTIONS_STYLE)
-        return result
-
     plans: Dict[str, Callable[[], Dict[str, Any]]] = dict(
-        layers=layers,
+        layers=lambda: layer_rows(s['train_batch'], s, device),
         eval=lambda: measure(models, s['eval_batch'], size, False, s, device, official),
         train=lambda: measure(models, s['train_batch'], size, True, s, device, official),
         attn_impl=lambda: {mode: measure([*(f'biformer_small[{impl}]' for impl in ATTN_IMPLS), SWIN_T], batch, size,
@@ -319,6 +288,16 @@ def tables(report: Dict[str, Any]) -> List[TextTable]:
             f'{s["img_size"]} against the Swin of the same class',
             ['model', 'compared with', 'eval img/s', 'eval ratio', 'train img/s', 'train ratio', 'train peak MiB',
              'memory ratio'], rows, label_columns=2, notes=notes))
+    layers = groups.get('layers', {}).get('shapes', {})
+    if layers:
+        labels = list(dict.fromkeys(label for cells in layers.values() for label in cells))
+        rows = [[shape, *(_fmt(cells.get(label, {}).get('ms'), '.2f') if 'error' not in cells.get(label, {}) else
+                          'failed' for label in labels)] for shape, cells in layers.items()]
+        errors = sorted({f'{label}: {cells[label]["error"][:120]}' for cells in layers.values() for label in cells
+                         if 'error' in cells[label]})
+        out.append(TextTable('One BiLevelRoutingAttention layer at BiFormer-S\'s stage shapes, bf16 autocast, forward + '
+                             'backward, ms per call', ['shape (B x H x W x C)', *labels], rows, label_columns=1,
+                             notes=[f'failed: {e}' for e in errors]))
     impl = groups.get('attn_impl', {})
     if 'eval' in impl:
         rows = [[label, _fmt(impl['eval'].get(label, {}).get('img_s'), '.0f'),

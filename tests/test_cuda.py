@@ -1,6 +1,6 @@
-"""On a CUDA GPU: the routed attention's CUDA paths against the plain math, mixed precision, torch.compile,
-determinism and CUDA graphs. Skipped where torch sees no GPU (CI); run by ``benchmarks/cuda_report.py``'s device
-script before it measures (see docs/performance.md)."""
+"""On a CUDA GPU: the routed attention's executions against the plain math, mixed precision, torch.compile,
+determinism and CUDA graphs. Skipped where torch sees no GPU (CI); ``benchmarks/cuda_device.sh`` runs them after
+its measurements (docs/performance.md says what ran where)."""
 import copy
 
 import pytest
@@ -33,7 +33,7 @@ def _forward_backward(layer, x, attn_impl, dtype=None):
 
 
 # (map height, width, channels, heads, regions per side, topk): BiFormer-S's first two routed stages at 224, a padded
-# odd map (regions of 10x9 tokens, padded to 96 in flex), every region routed (regions of 16 tokens)
+# odd map (regions of 10x9 tokens, padded to 128 in flex), every region routed (regions of 16 tokens)
 SHAPES = [(56, 56, 64, 2, 7, 1), (28, 28, 128, 4, 7, 4), (30, 27, 64, 2, 3, 2), (12, 12, 32, 2, 3, 9)]
 
 
@@ -71,7 +71,7 @@ def _reduced(name: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize('name', ['biformer_tiny'])
 def test_compiled_training_step_equals_eager(name):
-    """Inductor on CUDA (FlexAttention compiled inside the model's graph for BiFormer)."""
+    """Inductor on CUDA, BiFormer's custom autograd Function inside the graph."""
     model = _reduced(name)
     compiled = torch.compile(copy.deepcopy(model))
     x = torch.randn(2, 3, 64, 96, device='cuda')
@@ -84,7 +84,7 @@ def test_compiled_training_step_equals_eager(name):
     assert _rel_error(results[1][1], results[0][1]) < 2e-3
 
 
-@pytest.mark.parametrize('attn_impl', ['auto', 'gather'])
+@pytest.mark.parametrize('attn_impl', ['auto', 'flex'])
 def test_training_step_is_deterministic_with_the_flag(attn_impl):
     model = _reduced('biformer_tiny')
     x = torch.randn(4, 3, 128, 128, device='cuda')

@@ -162,7 +162,7 @@ def test_flex_layout_gradients_equal_reference():
     layer = bra_on_path('reference', 16, num_heads=2, num_regions=3, topk=2, channels_last=True).double()
     x = torch.randn(2, 9, 7, 16, dtype=torch.float64, requires_grad=True)  # padded to 9x9: 9 tokens per region
 
-    def twin(q, k, v, mask=None, *, block_mask, scale, kernel_options):
+    def twin(q, k, v, *, block_mask, scale):
         mask = create_mask(block_mask.mask_mod, q.shape[0], 1, q.shape[2], k.shape[2], device='cpu')
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 

@@ -162,3 +162,31 @@ def test_flex_routing_in_model_gives_the_same_logits():
     ratio, low, high, difference = flex.model_ratio('biformer_tiny', topks=(4,), batch_size=1, img_size=64, rounds=2,
                                                     warmup=0, compiled=False)
     assert 0 < low <= ratio <= high and difference < 1e-5
+
+
+def test_cuda_report_ratios_and_tables_follow_from_the_saved_run():
+    """benchmarks/results/cuda.json (an H200 run): every ratio is the model's figure over its Swin's, and the
+    document tables render from it."""
+    cuda = _load_benchmark('cuda_report')
+    report = json.loads((SCRIPT.parent / 'results' / 'cuda.json').read_text())
+    eval_results, train_results = report['groups']['eval'], report['groups']['train']
+    assert {'device', 'torch', 'commit', 'ratios'} <= set(report) and 'H200' in report['device']
+    for model, r in report['ratios'].items():
+        base = r['baseline']
+        assert math.isclose(r['eval'], eval_results[model]['img_s'] / eval_results[base]['img_s'])
+        assert math.isclose(r['train'], train_results[model]['img_s'] / train_results[base]['img_s'])
+        assert math.isclose(r['memory'], train_results[model]['peak_mib'] / train_results[base]['peak_mib'])
+    assert cuda.ratios(eval_results, train_results) == report['ratios']
+    titles = [t.title for t in cuda.tables(report)]
+    assert len(titles) == 4 and titles[0].startswith('Eval (batch 128) and train (batch 64')
+
+
+def test_cuda_report_measures_each_label_and_records_failures():
+    """cuda_report.measure on the CPU at a tiny size: figures for each model, an error row for one that fails."""
+    cuda = _load_benchmark('cuda_report')
+    s = dict(rounds=1, warmup=0)
+    results = cuda.measure(['biformer_tiny[gather]', 'biformer_tiny[no_such_impl]'], 1, (64, 64), True, s,
+                           torch.device('cpu'), None)
+    good, bad = results['biformer_tiny[gather]'], results['biformer_tiny[no_such_impl]']
+    assert good['ms'] > 0 and good['img_s'] > 0 and good['peak_mib'] > good['params_m']
+    assert 'error' in bad and 'no_such_impl' in bad['error']

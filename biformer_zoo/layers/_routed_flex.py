@@ -8,13 +8,15 @@ query block of each region read exactly the key blocks of its routed regions, in
 (padded keys are masked out, padded queries are dropped); FlexAttention's Triton kernels compute forward and backward
 block-sparsely.
 
-CUDA only: on the CPU, FlexAttention has no backward and its forward is not faster than the layer's own paths. The
-function is compiled once per process (``torch.compile(flex_attention, dynamic=False)``); every new input shape
+CUDA only: on the CPU, FlexAttention has no backward and its forward is not faster than the layer's own paths. On
+an H200 it is not faster than the plain math inside BiFormer-S either (docs/performance.md), so the layer runs it
+only when asked (``attn_impl='flex'``): it saves memory where regions are large and routed often. The function is
+compiled once per process (``torch.compile(flex_attention, dynamic=False)``); every new input shape
 compiles its kernels again (seconds), and after ``torch._dynamo.config.recompile_limit`` shapes dynamo falls back to
 eager FlexAttention, which materialises the scores: fine for training at one size, not for a stream of new sizes.
 """
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +26,12 @@ try:
 except ImportError:  # torch < 2.5
     BlockMask = flex_attention = None
 
-__all__ = ['flex_available', 'region_block_mask', 'to_region_major', 'flex_routed_attention']
+__all__ = ['region_block_mask', 'to_region_major', 'flex_routed_attention']
 
-# tokens per region are padded to a multiple of this; 16 is the smallest tile the kernels take, but torch 2.11's bf16
-# backward compiles no kernel for 16-token blocks (NoValidChoicesError on an H200)
-TILE = 32
-
-
-def flex_available(device: torch.device) -> bool:
-    """FlexAttention with a compiled (Triton) forward and backward exists for tensors on ``device``."""
-    return flex_attention is not None and device.type == 'cuda'
+# tokens per region are padded to a multiple of this. On an H200 with torch 2.11 (docs/performance.md), bf16 backward
+# kernels compiled for regions padded to 64 tokens with FlexAttention's own tiles; with 16- or 32-token tiles given
+# as kernel options, regions that needed padding found no kernel (NoValidChoicesError)
+TILE = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,26 +42,6 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
 def padded_region_tokens(region_tokens: int, tile: int = TILE) -> int:
     """Tokens per region after padding: a multiple of ``tile``."""
     return -(-region_tokens // tile) * tile
-
-
-# how kernel tiles are passed to FlexAttention: 'plain' names for forward and backward, 'prefixed' (fwd_/bwd_
-# names), 'plain_1stage' (plain, one pipeline stage, 4 warps), or 'none' (FlexAttention's own choice)
-KERNEL_OPTIONS_STYLE = 'plain'
-
-
-def kernel_options(padded_tokens: int, style: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """Kernel tiles that divide one region's block (the largest power of two up to 64 that does)."""
-    style = style or KERNEL_OPTIONS_STYLE
-    if style == 'none':
-        return None
-    tile = min(64, padded_tokens & -padded_tokens)
-    forward, backward = ('BLOCK_M', 'BLOCK_N'), ('BLOCK_M1', 'BLOCK_N1', 'BLOCK_M2', 'BLOCK_N2')
-    if style == 'prefixed':
-        return {**{f'fwd_{k}': tile for k in forward}, **{f'bwd_{k}': tile for k in backward}}
-    options = {name: tile for name in forward + backward}
-    if style == 'plain_1stage':
-        options.update(num_stages=1, num_warps=4)
-    return options
 
 
 def region_block_mask(routed: torch.Tensor, region_tokens: int, padded_tokens: Optional[int] = None) -> 'BlockMask':
@@ -119,8 +97,7 @@ def flex_routed_attention(
         heads: int,
         scale: float,
         compiled: bool = True,
-        tile: Optional[int] = None,
-        options_style: Optional[str] = None,
+        tile: int = TILE,
 ) -> torch.Tensor:
     """Attention of every region's queries over the tokens of its routed regions, without gathering.
 
@@ -128,8 +105,7 @@ def flex_routed_attention(
         q, k, v: Projected (B, Hp, Wp, channels) maps, sides multiples of ``num_regions``.
         routed: (B, regions, topk) region indices.
         compiled: Run FlexAttention compiled (its Triton kernels on CUDA); eager elsewhere, e.g. tests on the CPU.
-        tile: Regions are padded to a multiple of this many tokens (default ``TILE``).
-        options_style: How kernel tiles are passed (default ``KERNEL_OPTIONS_STYLE``).
+        tile: Regions are padded to a multiple of this many tokens.
 
     Returns:
         (B, n, rh, n, rw, heads, dim / heads): a view whose memory is in region order, which the layer adds to its
@@ -138,13 +114,11 @@ def flex_routed_attention(
     B, Hp, Wp, _ = v.shape
     n = num_regions
     rh, rw = Hp // n, Wp // n
-    padded = padded_region_tokens(rh * rw, tile or TILE)
+    padded = padded_region_tokens(rh * rw, tile)
     block_mask = region_block_mask(routed, rh * rw, padded)
     # inside a compiled model dynamo compiles flex_attention with the rest of the graph
     flex = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
-    options = kernel_options(padded, options_style) if compiled else None
     out = flex(to_region_major(q, n, heads, padded), to_region_major(k, n, heads, padded),
-               to_region_major(v, n, heads, padded), block_mask=block_mask, scale=scale,
-               kernel_options=options)  # (B, heads, regions * padded, d)
+               to_region_major(v, n, heads, padded), block_mask=block_mask, scale=scale)  # (B, heads, regions * padded, d)
     out = out.view(B, heads, n, n, padded, -1)[:, :, :, :, :rh * rw].unflatten(4, (rh, rw))
     return out.permute(0, 2, 4, 3, 5, 1, 6)  # (B, n, rh, n, rw, heads, d)

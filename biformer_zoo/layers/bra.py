@@ -19,8 +19,9 @@ with an additive mask (0 or -inf) that allows exactly the routed regions. The re
 scores get zero weight); only the wasted multiplications differ, so FLOP counts use the routed path
 (``count_routed``).
 
-On CUDA the fine level runs through FlexAttention (``_routed_flex``): the tokens in region-major order and a block
-mask built from the routing indices, so no routed keys/values are gathered in forward or scattered in backward.
+On CUDA the fine level can also run through FlexAttention (``_routed_flex``, ``attn_impl='flex'``): the tokens in
+region-major order and a block mask built from the routing indices, so no routed keys/values are gathered in forward
+or scattered in backward.
 
 Which execution runs is chosen per call (``attn_impl='auto'``) and never changes the result beyond rounding; the
 ``attn_impl`` argument and the ``routed_attention_impl`` context manager select one, ``'reference'`` being the plain
@@ -29,7 +30,6 @@ math of ``routed_attention`` under ordinary autograd.
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
 """
-import warnings
 from contextlib import contextmanager
 from functools import partial
 from typing import ContextManager, Iterator, Optional, Tuple
@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from ._routed_flex import flex_available, flex_routed_attention
+from ._routed_flex import flex_routed_attention
 from .conv import DepthwiseConv2d
 
 __all__ = [
@@ -263,9 +263,9 @@ class BiLevelRoutingAttention(nn.Module):
             (``routed_attention``: gathered routed tokens, SDPA, ordinary autograd). ``'gather'``: the same
             forward with a custom backward that keeps only the projected tokens. ``'dense'``: every token over the
             whole map, masked to its routed regions. ``'flex'``: FlexAttention over region-major tokens with a
-            block mask from the routing (CUDA). ``'auto'`` (default): ``'dense'`` where it wastes little, else
-            ``'flex'`` on CUDA and ``'gather'`` elsewhere; ``'reference'`` when scripting, tracing or capturing a
-            CUDA graph.
+            block mask from the routing (CUDA; saves the gathered copies, not time, see ``_routed_flex``).
+            ``'auto'`` (default): ``'dense'`` where it wastes little, else ``'gather'``; ``'reference'`` when
+            scripting or tracing.
 
     Attributes ``dense_max_ratio`` and ``dense_max_tokens`` tune ``'auto'``: the masked dense path runs when it
     computes at most ``dense_max_ratio`` times the routed attention scores (``num_regions**2 <= dense_max_ratio *
@@ -364,11 +364,6 @@ class BiLevelRoutingAttention(nn.Module):
         impl = self.attn_impl
         if impl == 'auto':
             impl = self._choose_impl(v)
-            if impl == 'flex' and not torch.compiler.is_compiling():  # compiled models: errors surface at compile
-                try:
-                    return flex_routed_attention(q, k, v, routed, self.num_regions, self.num_heads, self.scale)
-                except Exception as e:  # noqa: BLE001  (a torch/Triton build that cannot compile these kernels)
-                    impl = _flex_failed(v, e)
         if impl == 'dense':
             Hp, Wp = v.shape[1], v.shape[2]
             return self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
@@ -381,13 +376,9 @@ class BiLevelRoutingAttention(nn.Module):
         """What ``'auto'`` runs for projected values ``v`` (B, Hp, Wp, dim)."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return 'reference'  # what TorchScript, ONNX export and FLOP counters can follow
-        if v.device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
-            return 'reference'  # building FlexAttention's block mask does not record into a CUDA graph
         n = self.num_regions
         if n * n <= self.dense_max_ratio * self.topk and v.shape[1] * v.shape[2] <= self.dense_max_tokens:
             return 'dense'
-        if flex_available(v.device) and (v.dtype, v.requires_grad and torch.is_grad_enabled()) not in _FLEX_FAILURES:
-            return 'flex'
         return 'gather'
 
     def _masked_dense_attention(
@@ -427,22 +418,6 @@ class BiLevelRoutingAttention(nn.Module):
             out = self._routed_attention_autograd(q, k, v, q_index, kv_index)
         # (B * regions, heads, tokens, d) -> (B, n, rh, n, rw, dim)
         return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3)
-
-
-_FLEX_FAILURES = set()  # (dtype, training) pairs whose FlexAttention kernels failed to compile in this process
-
-
-def _flex_failed(v: torch.Tensor, error: Exception) -> str:
-    """Warn once per (dtype, training) that 'auto' leaves flex for the gather path, and return 'gather'."""
-    key = (v.dtype, v.requires_grad and torch.is_grad_enabled())
-    if key not in _FLEX_FAILURES:
-        _FLEX_FAILURES.add(key)
-        warnings.warn(
-            f'BiLevelRoutingAttention: FlexAttention could not be compiled for {v.dtype} '
-            f'{"training" if key[1] else "inference"} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); '
-            f"attn_impl='auto' uses the gather path instead. Set attn_impl='gather' (or 'reference') to skip the "
-            f'attempt, or update torch/triton.', RuntimeWarning, stacklevel=3)
-    return 'gather'
 
 
 def _check_impl(attn_impl: str) -> None:
