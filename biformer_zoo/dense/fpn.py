@@ -1,25 +1,6 @@
-"""Detection and segmentation on top of the zoo backbones: a torchvision FPN backbone and a Semantic FPN.
+"""The presets, the feature backbone of the dense models, torchvision's FPN on it and the Semantic FPN.
 
-``fpn_backbone`` returns a module that torchvision's detectors (``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``,
-``FCOS``, ...) take as their ``backbone``: it has ``out_channels`` and returns an ``OrderedDict`` of FPN maps
-(``'0'``, ``'1'``, ... from the finest level, then ``'pool'`` or ``'p6'``/``'p7'``).
-
-The backbone options follow the mmdet recipes of the official detection results:
-
-* ``frozen_stages=k`` freezes the stem and stages ``0..k-1`` (their downsampling layers included, and the extra
-  norms of those levels): no gradients, and kept in eval mode, like mmdet's ``frozen_stages``; 0 freezes the stem
-  only, -1 nothing;
-* ``norm_eval=True`` keeps every BatchNorm of the backbone in eval mode while training (BiFormer has BatchNorm in
-  its stem and downsampling layers; the official BiFormer detection backbone does this);
-* ``extra_norm=True`` adds a LayerNorm per output level before the FPN, as the official BiFormer dense backbones do
-  (the official CrossFormer ones do not).
-
-The official settings are presets, stored as YAML in ``biformer_zoo/configs/dense`` and loaded by name:
-``fpn_backbone('biformer_small.coco_maskrcnn')`` builds BiFormer-S with ``n_win=16`` and the official backbone
-options; any argument given explicitly overrides the preset. ``list_presets()`` names them.
-
-``semantic_fpn`` builds the Semantic FPN of Kirillov et al. (the mmseg ``FPNHead`` used in the BiFormer and
-CrossFormer ADE20K tables) and returns per-pixel logits at input resolution.
+See ``biformer_zoo.dense`` for the overview; everything public here is exported there.
 """
 import math
 from collections import OrderedDict
@@ -36,11 +17,11 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 __all__ = [
-    'FPNBackbone', 'SemanticFPN', 'SemanticFPNHead', 'fpn_backbone', 'semantic_fpn', 'list_presets', 'load_preset',
-    'PRESET_DIR',
+    'FeatureBackbone', 'FPNBackbone', 'SemanticFPN', 'SemanticFPNHead', 'fpn_backbone', 'semantic_fpn',
+    'list_presets', 'load_preset', 'conv_norm_act', 'PRESET_DIR', 'EXTRA_BLOCKS',
 ]
 
-PRESET_DIR = Path(__file__).parent / 'configs' / 'dense'
+PRESET_DIR = Path(__file__).parents[1] / 'configs' / 'dense'
 EXTRA_BLOCKS = ('maxpool', 'p6p7', 'none')
 _TASKS = ('detection', 'segmentation')
 _BACKBONE_DEFAULTS: Dict[str, Any] = dict(
@@ -74,8 +55,97 @@ def _is_preset(name: str) -> bool:
     return (PRESET_DIR / f'{name}.yaml').is_file()
 
 
-class FPNBackbone(nn.Module):
-    """A features-only timm model, optional LayerNorms per level, and torchvision's FPN.
+def _is_model_name(name: str) -> bool:
+    """A registered timm model, with no tag or a registered pretrained tag (a misspelt preset has an unknown one)."""
+    architecture, tag = timm.models.split_model_name_tag(name)
+    return timm.is_model(architecture) and (not tag or name in timm.list_pretrained(f'{architecture}.*'))
+
+
+class FeatureBackbone(nn.Module):
+    """A features-only timm model with optional LayerNorms per level: the backbone of the dense models.
+
+    ``forward`` returns the (normalised) levels ``[(B, C_i, H_i, W_i), ...]``, finest first.
+
+    Args:
+        body: A ``features_only`` timm model (``feature_info`` and a list of NCHW maps from ``forward``).
+        extra_norm: A LayerNorm on each level (as the official BiFormer dense backbones have).
+        frozen_stages: Freeze the stem and stages ``0..frozen_stages-1``; -1 freezes nothing.
+        norm_eval: Keep the backbone's BatchNorm layers in eval mode while training.
+    """
+
+    def __init__(
+            self,
+            body: nn.Module,
+            extra_norm: bool = True,
+            frozen_stages: int = -1,
+            norm_eval: bool = False,
+    ):
+        super().__init__()
+        if frozen_stages >= 0:
+            model = getattr(body, 'model', None)
+            if not (hasattr(model, 'stem') and hasattr(model, 'stages')):
+                raise ValueError(
+                    f'frozen_stages={frozen_stages} needs a backbone laid out as stem + stages (the zoo models); '
+                    f'got {type(model if model is not None else body).__name__}; use frozen_stages=-1')
+            num_stages = len(model.stages)
+            if frozen_stages > num_stages:
+                raise ValueError(
+                    f'frozen_stages must be between -1 (nothing frozen) and {num_stages} (all stages), '
+                    f'got {frozen_stages}')
+        elif frozen_stages != -1:
+            raise ValueError(f'frozen_stages must be -1 (nothing frozen) or >= 0, got {frozen_stages}')
+        self.body = body
+        self.extra_norms = (
+            nn.ModuleList([LayerNorm2d(c) for c in body.feature_info.channels()]) if extra_norm else None)
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self._freeze_stages()
+
+    @property
+    def channels(self) -> List[int]:
+        """Channels of the levels ``forward`` returns."""
+        return self.body.feature_info.channels()
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        model = self.body.model
+        frozen = [model.stem] + [model.stages[i] for i in range(self.frozen_stages)]
+        if self.extra_norms is not None:  # the norms of frozen levels (feature modules are named 'stages.{i}')
+            level_stages = [int(name.rsplit('.', 1)[-1]) for name in self.body.feature_info.module_name()]
+            frozen += [norm for norm, stage in zip(self.extra_norms, level_stages) if stage < self.frozen_stages]
+        return frozen
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'FeatureBackbone':
+        """Set the mode, keeping frozen stages (and, with ``norm_eval``, the backbone's BatchNorms) in eval mode."""
+        super().train(mode)
+        if mode:
+            self._freeze_stages()
+            if self.norm_eval:
+                for module in self.body.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self
+
+    def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The (normalised) backbone levels: ``[(B, C_i, H_i, W_i), ...]``."""
+        features = self.body(x)
+        if self.extra_norms is not None:
+            features = [norm(feature) for norm, feature in zip(self.extra_norms, features)]
+        return features
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.forward_backbone(x)
+
+
+class FPNBackbone(FeatureBackbone):
+    """A ``FeatureBackbone`` followed by torchvision's FPN.
 
     Args:
         body: A ``features_only`` timm model (``feature_info`` and a list of NCHW maps from ``forward``).
@@ -97,25 +167,10 @@ class FPNBackbone(nn.Module):
             frozen_stages: int = -1,
             norm_eval: bool = False,
     ):
-        super().__init__()
         if extra_blocks not in EXTRA_BLOCKS:
             raise ValueError(f'extra_blocks must be one of {EXTRA_BLOCKS}, got {extra_blocks!r}')
-        if frozen_stages >= 0:
-            model = getattr(body, 'model', None)
-            if not (hasattr(model, 'stem') and hasattr(model, 'stages')):
-                raise ValueError(
-                    f'frozen_stages={frozen_stages} needs a backbone laid out as stem + stages (the zoo models); '
-                    f'got {type(model if model is not None else body).__name__}; use frozen_stages=-1')
-            num_stages = len(model.stages)
-            if frozen_stages > num_stages:
-                raise ValueError(
-                    f'frozen_stages must be between -1 (nothing frozen) and {num_stages} (all stages), '
-                    f'got {frozen_stages}')
-        elif frozen_stages != -1:
-            raise ValueError(f'frozen_stages must be -1 (nothing frozen) or >= 0, got {frozen_stages}')
-        self.body = body
-        in_channels = body.feature_info.channels()
-        self.extra_norms = nn.ModuleList([LayerNorm2d(c) for c in in_channels]) if extra_norm else None
+        super().__init__(body, extra_norm=extra_norm, frozen_stages=frozen_stages, norm_eval=norm_eval)
+        in_channels = self.channels
         extra: Optional[ExtraFPNBlock] = None
         if extra_blocks == 'maxpool':
             extra = LastLevelMaxPool()
@@ -123,43 +178,6 @@ class FPNBackbone(nn.Module):
             extra = LastLevelP6P7(in_channels[-1], fpn_channels)
         self.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=extra)
         self.out_channels = fpn_channels
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self._freeze_stages()
-
-    def _frozen_modules(self) -> List[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        model = self.body.model
-        frozen = [model.stem] + [model.stages[i] for i in range(self.frozen_stages)]
-        if self.extra_norms is not None:  # the norms of frozen levels (feature modules are named 'stages.{i}')
-            level_stages = [int(name.rsplit('.', 1)[-1]) for name in self.body.feature_info.module_name()]
-            frozen += [norm for norm, stage in zip(self.extra_norms, level_stages) if stage < self.frozen_stages]
-        return frozen
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
-
-    def train(self, mode: bool = True) -> 'FPNBackbone':
-        """Set the mode, keeping frozen stages (and, with ``norm_eval``, the backbone's BatchNorms) in eval mode."""
-        super().train(mode)
-        if mode:
-            self._freeze_stages()
-            if self.norm_eval:
-                for module in self.body.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
-        return self
-
-    def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The (normalised) backbone levels before the FPN: ``[(B, C_i, H_i, W_i), ...]``."""
-        features = self.body(x)
-        if self.extra_norms is not None:
-            features = [norm(feature) for norm, feature in zip(self.extra_norms, features)]
-        return features
 
     def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
         features = self.forward_backbone(x)
@@ -184,7 +202,7 @@ def _resolve_settings(
             raise ValueError(
                 f"preset {name!r} is a {preset['task']} preset, not a {task} one; use one of {list_presets(task)}")
         model_name = preset['model']
-    elif not timm.is_model(timm.models.split_model_name_tag(name)[0]):
+    elif not _is_model_name(name):
         raise ValueError(
             f'{name!r} is neither a timm model nor a preset; pass a model name such as biformer_small '
             f'(see biformer_zoo.list_zoo_models()) or one of the presets {list_presets(task)}')
@@ -199,12 +217,55 @@ def _resolve_settings(
     return model_name, resolved, merged_kwargs, preset
 
 
+def _num_classes(builder: str, name: str, num_classes: Optional[int], preset: Dict[str, Any]) -> int:
+    """``num_classes``, or the preset's when None."""
+    num_classes = num_classes if num_classes is not None else preset.get('num_classes')
+    if num_classes is None:
+        raise ValueError(f'{builder}({name!r}) needs num_classes (e.g. num_classes=150 for ADE20K)')
+    return num_classes
+
+
+def _head_settings(
+        name: str,
+        preset: Dict[str, Any],
+        decoder: str,
+        defaults: Dict[str, Any],
+        overrides: Dict[str, Any],
+) -> Dict[str, Any]:
+    """The head settings: ``defaults``, updated by the preset's ``head``, then by the ``overrides`` that are not None.
+
+    A preset made for another decoder raises a ``ValueError`` naming the presets of ``decoder``.
+    """
+    head = dict(preset.get('head', {}))
+    preset_decoder = head.pop('decoder', decoder)
+    if preset_decoder != decoder:
+        matching = [p for p in list_presets('segmentation') if load_preset(p).get('head', {}).get('decoder') == decoder]
+        raise ValueError(f'preset {name!r} is for a {preset_decoder} head, not {decoder}; use one of {matching}')
+    settings = dict(defaults)
+    settings.update(head)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def _create_body(model_name: str, pretrained: bool, settings: Dict[str, Any], **model_kwargs: Any) -> nn.Module:
+    return timm.create_model(
+        model_name, pretrained=pretrained, features_only=True, out_indices=settings['out_indices'], **model_kwargs)
+
+
+def _build_feature_backbone(
+        model_name: str, pretrained: bool, settings: Dict[str, Any], **model_kwargs: Any) -> FeatureBackbone:
+    return FeatureBackbone(
+        _create_body(model_name, pretrained, settings, **model_kwargs),
+        extra_norm=settings['extra_norm'],
+        frozen_stages=settings['frozen_stages'],
+        norm_eval=settings['norm_eval'],
+    )
+
+
 def _build_fpn_backbone(
         model_name: str, pretrained: bool, settings: Dict[str, Any], **model_kwargs: Any) -> FPNBackbone:
-    body = timm.create_model(
-        model_name, pretrained=pretrained, features_only=True, out_indices=settings['out_indices'], **model_kwargs)
     return FPNBackbone(
-        body,
+        _create_body(model_name, pretrained, settings, **model_kwargs),
         fpn_channels=settings['fpn_channels'],
         extra_blocks=settings['extra_blocks'],
         extra_norm=settings['extra_norm'],
@@ -249,6 +310,21 @@ def fpn_backbone(
     return _build_fpn_backbone(model_name, pretrained, settings, **kwargs)
 
 
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 1:
+        raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+
+
+def conv_norm_act(
+        in_channels: int, out_channels: int, kernel_size: int, norm_layer: type = nn.BatchNorm2d) -> nn.Sequential:
+    """Conv (no bias, 'same' padding), norm, ReLU: mmcv's ``ConvModule`` with a norm, as the mmseg heads use it."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        norm_layer(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
 class SemanticFPNHead(nn.Module):
     """The Semantic FPN decoder (Kirillov et al., 2019; mmseg ``FPNHead``).
 
@@ -274,17 +350,13 @@ class SemanticFPNHead(nn.Module):
             norm_layer: type = nn.BatchNorm2d,
     ):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+        _check_num_classes(num_classes)
         self.scale_heads = nn.ModuleList()
         for reduction in reductions:
             num_convs = max(1, int(round(math.log2(reduction / reductions[0]))))
             self.scale_heads.append(nn.ModuleList([
-                nn.Sequential(
-                    nn.Conv2d(in_channels if j == 0 else channels, channels, 3, padding=1, bias=False),
-                    norm_layer(channels),
-                    nn.ReLU(inplace=True),
-                ) for j in range(num_convs)]))
+                conv_norm_act(in_channels if j == 0 else channels, channels, 3, norm_layer)
+                for j in range(num_convs)]))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -349,13 +421,11 @@ def semantic_fpn(
     options = dict(fpn_channels=fpn_channels, frozen_stages=frozen_stages, norm_eval=norm_eval,
                    extra_norm=extra_norm, extra_blocks='none')
     model_name, settings, kwargs, preset = _resolve_settings(name, 'segmentation', options, model_kwargs)
-    num_classes = num_classes if num_classes is not None else preset.get('num_classes')
-    if num_classes is None:
-        raise ValueError(f'semantic_fpn({name!r}) needs num_classes (e.g. num_classes=150 for ADE20K)')
-    head_preset = preset.get('head', {})
+    num_classes = _num_classes('semantic_fpn', name, num_classes, preset)
+    head_settings = _head_settings(
+        name, preset, 'SemanticFPN', dict(channels=128, dropout=0.1), dict(channels=head_channels, dropout=dropout))
     backbone = _build_fpn_backbone(model_name, pretrained, settings, **kwargs)
     head = SemanticFPNHead(
         backbone.out_channels, backbone.body.feature_info.reduction(), num_classes,
-        channels=head_channels if head_channels is not None else head_preset.get('channels', 128),
-        dropout=dropout if dropout is not None else head_preset.get('dropout', 0.1))
+        channels=head_settings['channels'], dropout=head_settings['dropout'])
     return SemanticFPN(backbone, head)
