@@ -3,8 +3,8 @@
     python benchmarks/custom_backward.py --threads 2 --rounds 10
 
 - ``BiLevelRoutingAttention`` forward + backward at BiFormer-S's stage 1 and 2 shapes (batch 8, 224 input, gather
-  path): the backward that recomputes SDPA's forward (what the gather path runs where the CPU flash kernels are
-  missing) against the CPU flash-attention backward that is the default on CPU.
+  path): ``attn_impl='reference'`` (gathered keys/values under ordinary autograd) against ``'gather'``, the custom
+  backward that keeps only the projected tokens and runs the CPU flash-attention backward (the default on CPU).
 - CrossFormer's grouped attention with a position bias that needs a gradient (training), at CrossFormer-S's stage
   1-4 shapes (batch 8, 224 input): ``F.scaled_dot_product_attention`` (its math path on CPU) against
   ``lsda.explicit_attention``, what the layer runs there.
@@ -40,19 +40,14 @@ def _median_ms(steps: Dict[str, Callable[[], None]], rounds: int) -> Dict[str, f
 def routed_rows(rounds: int):
     for size, channels, heads, topk in [(56, 64, 2, 1), (28, 128, 4, 4)]:
         layer = bra.BiLevelRoutingAttention(channels, heads, 7, topk, channels_last=True)
-        layer.dense_max_ratio = 0.0
         x = torch.randn(8, size, size, channels, requires_grad=True)
-        saved = bra._flash_backward
 
-        def step(flash: bool):
-            bra._flash_backward = saved if flash else None
-            try:
+        def step(attn_impl: str):
+            with bra.routed_attention_impl(layer, attn_impl):
                 return torch.autograd.grad(layer(x).sum(), x)
-            finally:
-                bra._flash_backward = saved
 
-        t = _median_ms({'explicit': lambda: step(False), 'flash': lambda: step(True)}, rounds)
-        yield f'BRA fwd+bwd, 8x{size}x{size}x{channels}, topk {topk}', t['explicit'], t['flash']
+        t = _median_ms({'reference': lambda: step('reference'), 'gather': lambda: step('gather')}, rounds)
+        yield f'BRA fwd+bwd, 8x{size}x{size}x{channels}, topk {topk}', t['reference'], t['gather']
 
 
 def attention_rows(rounds: int):

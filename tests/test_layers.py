@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp
+from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp, reference_math
 from biformer_zoo.layers import bra
 from biformer_zoo.layers._routed_flex import flex_routed_attention, padded_region_tokens, region_block_mask
 from biformer_zoo.layers.bra import count_routed, routed_attention_impl
@@ -72,13 +72,10 @@ def test_bra_nchw_equals_channels_last():
 
 
 @pytest.mark.parametrize('topk', [1, 2])
-@pytest.mark.parametrize('backward', ['flash', 'explicit'])
 @pytest.mark.parametrize('path', PATHS)
-def test_bra_gradients_equal_reference(path, backward, topk, monkeypatch):
-    """Both backwards of the routed attention: CPU flash (the default on CPU) and explicit (used off CPU); topk=1
-    keeps the gathered tokens for backward, larger topk gathers again."""
-    if backward == 'explicit':
-        monkeypatch.setattr(bra, '_flash_backward', None)
+def test_bra_gradients_equal_reference(path, topk):
+    """Every training path (the gather path's custom backward runs the CPU flash kernels here; tests/test_cuda.py
+    covers its CUDA backward); topk=1 keeps the gathered tokens for backward, larger topk gathers again."""
     torch.manual_seed(0)
     layer = bra_on_path(path, 16, num_heads=2, num_regions=2, topk=topk, channels_last=True).double()
     x = torch.randn(1, 6, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -89,11 +86,8 @@ def test_bra_gradients_equal_reference(path, backward, topk, monkeypatch):
 
 
 @pytest.mark.parametrize('topk', [1, 2])
-@pytest.mark.parametrize('backward', ['flash', 'explicit'])
-def test_bra_and_mlp_work_under_torch_func_grad(backward, topk, monkeypatch):
+def test_bra_and_mlp_work_under_torch_func_grad(topk):
     """torch.func transforms need the autograd Functions in setup_context form; the gradients equal autograd's."""
-    if backward == 'explicit':
-        monkeypatch.setattr(bra, '_flash_backward', None)
     torch.manual_seed(0)
     block = torch.nn.Sequential(
         bra_on_path('gather', 16, num_heads=2, num_regions=2, topk=topk, channels_last=True),
@@ -119,6 +113,45 @@ def test_bra_auto_picks_dense_only_where_routing_keeps_many_regions():
         with count_routed(layer):
             assert layer.attn_impl == 'reference'
         assert layer.attn_impl == 'auto'
+
+
+def _fast_and_reference(layer: torch.nn.Module, x: torch.Tensor):
+    """Output and gradients of ``layer`` on its default path and inside ``reference_math()``."""
+    results = []
+    for reference in (False, True):
+        with reference_math(reference):
+            x_ = x.detach().requires_grad_()
+            out = layer(x_)
+            results.append((out, torch.autograd.grad(out.square().sum(), (x_, *layer.parameters()))))
+    return results
+
+
+@pytest.mark.parametrize('make', [
+    lambda: BiLevelRoutingAttention(16, num_heads=2, num_regions=2, topk=2, channels_last=True, attn_impl='gather'),
+    lambda: RecomputeGeluMlp(16, 32),
+    lambda: DepthwiseConv2d(16, 5),
+    lambda: StridedConv2d(3, 16, kernel_size=8, stride=2, padding=3),
+], ids=['bra', 'recompute_gelu_mlp', 'depthwise_conv', 'strided_conv'])
+def test_fast_paths_equal_the_reference_math_switch(make):
+    """Each layer's fast training path against its plain math, selected through the public switch."""
+    torch.manual_seed(0)
+    layer = make().double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64) if isinstance(layer, StridedConv2d) else \
+        torch.randn(2, 16, 6, 6, dtype=torch.float64) if isinstance(layer, DepthwiseConv2d) else \
+        torch.randn(2, 6, 6, 16, dtype=torch.float64)
+    (fast_out, fast_grads), (ref_out, ref_grads) = _fast_and_reference(layer, x)
+    torch.testing.assert_close(fast_out, ref_out)
+    torch.testing.assert_close(fast_grads, ref_grads)
+
+
+def test_reference_math_restores_the_setting():
+    from biformer_zoo.layers import use_reference_math
+    with reference_math():
+        assert use_reference_math()
+        with reference_math(False):
+            assert not use_reference_math()
+        assert use_reference_math()
+    assert not use_reference_math()
 
 
 def test_bra_attn_impl_is_checked():

@@ -5,3 +5,4 @@ from .embed import CrossScaleEmbed, CrossScaleMerge
 from .helpers import check_image_input
 from .lsda import DynamicPosBias, LSDAttention
 from .mlp import RecomputeGeluMlp
+from .reference import reference_math, use_reference_math

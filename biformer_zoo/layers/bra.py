@@ -25,7 +25,7 @@ or scattered in backward.
 
 Which execution runs is chosen per call (``attn_impl='auto'``) and never changes the result beyond rounding; the
 ``attn_impl`` argument and the ``routed_attention_impl`` context manager select one, ``'reference'`` being the plain
-math of ``routed_attention`` under ordinary autograd.
+math of ``routed_attention`` under ordinary autograd (which ``layers.reference_math()`` also selects).
 
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
@@ -41,6 +41,7 @@ from timm.layers import register_notrace_module
 
 from ._routed_flex import flex_routed_attention
 from .conv import DepthwiseConv2d
+from .reference import use_reference_math
 
 __all__ = [
     'BiLevelRoutingAttention', 'AttentionLePE', 'ATTN_IMPLS', 'route_regions', 'routed_attention', 'routing_mask',
@@ -361,7 +362,7 @@ class BiLevelRoutingAttention(nn.Module):
         Returns (B, Hp, Wp, dim) from the masked dense path, or a view whose memory is in region order from the
         others ((B, n, rh, n, rw, dim) from the gathered paths, (B, n, rh, n, rw, heads, dim / heads) from flex).
         """
-        impl = self.attn_impl
+        impl = 'reference' if use_reference_math() else self.attn_impl
         if impl == 'auto':
             impl = self._choose_impl(v)
         if impl == 'dense':

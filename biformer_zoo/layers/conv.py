@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .reference import use_reference_math
+
 __all__ = ['StridedConv2d', 'DepthwiseConv2d', 'space_to_depth_weight_grad', 'column_split_weight_grad']
 
 # (x, grad_out, weight, stride, padding) -> (weight gradient, bias gradient)
@@ -137,7 +139,7 @@ class _WeightGradConv2d(nn.Conv2d):
         if not torch.jit.is_scripting():
             cpu_training = x.device.type == 'cpu' and torch.is_grad_enabled() and self.weight.requires_grad \
                 and x.numel() > 0  # an empty batch has no gradient to compute
-            if self.uses_weight_grad and cpu_training:
+            if self.uses_weight_grad and cpu_training and not use_reference_math():
                 return self._conv_autograd(x, weight)
         return self._conv_forward(x, weight, self.bias)
 

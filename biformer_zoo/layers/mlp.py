@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .reference import use_reference_math
+
 __all__ = ['RecomputeGeluMlp']
 
 
@@ -61,6 +63,6 @@ class RecomputeGeluMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        if torch.jit.is_scripting() or not (torch.is_grad_enabled() and hidden.requires_grad):
+        if torch.jit.is_scripting() or use_reference_math() or not (torch.is_grad_enabled() and hidden.requires_grad):
             return self.fc2(F.gelu(hidden))
         return self._fc2_recomputing_gelu(hidden)
