@@ -1,5 +1,6 @@
 """CrossFormer family: official layouts, grouped attention against a plain reference, sizes, state, timm contract."""
 import copy
+import io
 import json
 import threading
 from pathlib import Path
@@ -180,6 +181,33 @@ def test_position_bias_cache_holds_only_small_biases(size, cached):
     with torch.no_grad():
         layer(torch.randn(1, 32, size, size))
     assert len(layer._bias_cache) == int(cached)
+
+
+def test_position_bias_cache_not_pickled_or_copied():
+    layer = LSDAttention(32, 2, group_size=7).eval()
+    x = torch.randn(1, 32, 14, 14)
+    with torch.no_grad():
+        expected = layer(x)
+    assert layer._bias_cache
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    for copied in (torch.load(io.BytesIO(buffer.getvalue()), weights_only=False), copy.deepcopy(layer)):
+        assert copied._bias_cache == {}
+        with torch.no_grad():
+            assert torch.equal(copied(x), expected)
+    assert layer._bias_cache  # the original keeps its own
+
+
+def test_position_bias_with_parameters_made_under_inference_mode():
+    layer = LSDAttention(32, 2, group_size=7).eval()
+    x = torch.randn(1, 32, 14, 14, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(layer).double()(x)
+    with torch.inference_mode():
+        layer.double()  # inference tensors: no version counter
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    assert layer._bias_cache == {}
 
 
 @pytest.mark.parametrize('batch', [1, 3])
