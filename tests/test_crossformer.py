@@ -210,6 +210,15 @@ def test_position_bias_with_parameters_made_under_inference_mode():
     assert layer._bias_cache == {}
 
 
+def test_traces_agree_in_eval_without_autograd():
+    """torch.jit.trace's check traces again: a cache hit must not turn the bias into a constant in one of them."""
+    layer = LSDAttention(32, 2, group_size=7).eval()
+    x = torch.randn(1, 32, 14, 14)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=True)  # raises TracingCheckError if the two traces differ
+        assert torch.equal(traced(x), layer(x))
+
+
 @pytest.mark.parametrize('batch', [1, 3])
 def test_padded_groups_equal_unpadded_tokens(batch):
     """The per-group padding mask repeated over the batch: every image of a padded batch equals its own run."""

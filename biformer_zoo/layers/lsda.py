@@ -281,9 +281,10 @@ class LSDAttention(nn.Module):
 
     def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         """The bias for one call: cached in eval mode without autograd, computed otherwise (and under torch.compile,
-        whose graph computes it once per call without a graph break)."""
+        whose graph computes it once per call without a graph break, and under torch.jit.trace, so that a trace holds
+        the computation rather than a cached tensor and two traces agree)."""
         if not torch.jit.is_scripting():
-            if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
                 return self._cached_position_bias(group_h, group_w)
         return self.compute_position_bias(group_h, group_w)
 
