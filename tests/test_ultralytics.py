@@ -130,7 +130,8 @@ def test_register_is_idempotent_and_wraps_once(yolo):
 def test_unsupported_version_is_refused_with_the_range(yolo, monkeypatch):
     monkeypatch.setattr(yolo.ultralytics, '__version__', '8.5.0')
     monkeypatch.delenv(yolo.integration.ANY_VERSION_ENV, raising=False)
-    with pytest.raises(yolo.integration.UnsupportedUltralyticsError, match=r'ultralytics>=8\.4\.0,<8\.5.*found 8\.5\.0'):
+    refused = yolo.integration.UnsupportedUltralyticsError
+    with pytest.raises(refused, match=r'ultralytics>=8\.4\.0,<8\.5.*found 8\.5\.0'):
         yolo.integration._check_version()
     monkeypatch.setenv(yolo.integration.ANY_VERSION_ENV, '1')
     yolo.integration._check_version()
