@@ -1,7 +1,7 @@
 """CrossFormer family: official layouts, grouped attention against a plain reference, sizes, state, timm contract."""
 import copy
-import io
 import json
+import pickle
 import threading
 from pathlib import Path
 
@@ -189,9 +189,7 @@ def test_position_bias_cache_not_pickled_or_copied():
     with torch.no_grad():
         expected = layer(x)
     assert layer._bias_cache
-    buffer = io.BytesIO()
-    torch.save(layer, buffer)
-    for copied in (torch.load(io.BytesIO(buffer.getvalue()), weights_only=False), copy.deepcopy(layer)):
+    for copied in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):  # what torch.save(module) pickles
         assert copied._bias_cache == {}
         with torch.no_grad():
             assert torch.equal(copied(x), expected)

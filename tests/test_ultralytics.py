@@ -343,18 +343,19 @@ FRESH_PROCESS = '''
     boxes = model.predict(f"{root}/data/images/val/0.png", imgsz=64, verbose=False)[0].boxes
     metrics = model.val(data=data, imgsz=64, batch=2, workers=0, plots=False, device="cpu", project=f"{root}/runs",
                         name="fresh_val", verbose=False)
+    onnx_file = YOLO(weights).export(format="onnx", imgsz=64, simplify=False)
     YOLO(weights).train(data=data, epochs=1, imgsz=64, batch=2, workers=0, plots=False, device="cpu", amp=False,
                         project=f"{root}/runs", name="fresh_finetune", exist_ok=True, verbose=False)
-    print(json.dumps({"boxes": list(boxes.data.shape), "map50": float(metrics.box.map50)}))
+    print(json.dumps({"boxes": list(boxes.data.shape), "map50": float(metrics.box.map50), "onnx": onnx_file}))
 '''
 
 
 @needs_ultralytics
-def test_best_pt_in_a_fresh_process_predicts_validates_and_fine_tunes(yolo, trained):
+def test_best_pt_in_a_fresh_process_predicts_validates_exports_and_fine_tunes(yolo, trained):
     root = trained['root']
     proc = run_script(yolo, FRESH_PROCESS, root, trained['yolov8n-bra'], trained['data'], cwd=root)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result['boxes'][1] == 6 and 0.0 <= result['map50'] <= 1.0
+    assert result['boxes'][1] == 6 and 0.0 <= result['map50'] <= 1.0 and Path(result['onnx']).is_file()
     # the trainer rebuilt the model from the stored YAML and took every tensor of the checkpoint
     transferred = re.search(r'Transferred (\d+)/(\d+) items from pretrained weights', proc.stdout + proc.stderr)
     assert transferred and transferred.group(1) == transferred.group(2), (proc.stdout + proc.stderr)[-3000:]
