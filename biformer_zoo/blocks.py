@@ -9,7 +9,7 @@ default; ``CrossScaleEmbed`` / ``CrossScaleMerge`` (CrossFormer's multi-kernel e
     block = C2fAttention(256, 256, depth=1, attention='bra', num_heads=4, num_regions=8, topk=4)
     y = block(torch.randn(2, 256, 40, 40))  # (2, 256, 40, 40)
 """
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -48,15 +48,25 @@ class AttentionBottleneck(nn.Module):
         dim: Channels.
         attention: 'bra' (``BiLevelRoutingAttention``) or 'lsda' (``LSDAttention``).
         num_heads: Attention heads; must divide ``dim``.
+        conv_layer: Builds the conv units as ``conv_layer(in_chans, out_chans, kernel_size)``; ``ConvBNAct`` by
+            default (Ultralytics' ``Conv`` in ``biformer_zoo.integrations.ultralytics``, so that ``fuse()`` folds
+            their BatchNorm).
         **attention_kwargs: Passed to the attention layer (``num_regions``, ``topk`` for BRA; ``group_size``,
             ``interval``, ``long_distance`` for LSDA).
     """
 
-    def __init__(self, dim: int, attention: str = 'bra', num_heads: int = 4, **attention_kwargs: Any):
+    def __init__(
+            self,
+            dim: int,
+            attention: str = 'bra',
+            num_heads: int = 4,
+            conv_layer: Callable[[int, int, int], nn.Module] = ConvBNAct,
+            **attention_kwargs: Any,
+    ):
         super().__init__()
         self.norm = LayerNorm2d(dim)
         self.attn = _attention_layer(attention, dim, num_heads, **attention_kwargs)
-        self.conv = nn.Sequential(ConvBNAct(dim, dim, 3), ConvBNAct(dim, dim, 3))
+        self.conv = nn.Sequential(conv_layer(dim, dim, 3), conv_layer(dim, dim, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm(x))
@@ -76,6 +86,7 @@ class C2fAttention(nn.Module):
         attention: 'bra' or 'lsda'.
         num_heads: Heads of each attention; must divide ``int(out_chans * expansion)``.
         expansion: Hidden channels as a fraction of ``out_chans``.
+        conv_layer: Builds the 1x1 and 3x3 conv units, ``conv_layer(in_chans, out_chans, kernel_size)``.
         **attention_kwargs: Passed to the attention layers.
     """
 
@@ -87,6 +98,7 @@ class C2fAttention(nn.Module):
             attention: str = 'bra',
             num_heads: int = 4,
             expansion: float = 0.5,
+            conv_layer: Callable[[int, int, int], nn.Module] = ConvBNAct,
             **attention_kwargs: Any,
     ):
         super().__init__()
@@ -96,10 +108,10 @@ class C2fAttention(nn.Module):
                 f'hidden channels int(out_chans * expansion) = {hidden} must be a positive multiple of '
                 f'num_heads={num_heads}; change out_chans, expansion or num_heads')
         self.hidden = hidden
-        self.split_conv = ConvBNAct(in_chans, 2 * hidden, 1)
+        self.split_conv = conv_layer(in_chans, 2 * hidden, 1)
         self.blocks = nn.ModuleList([
-            AttentionBottleneck(hidden, attention, num_heads, **attention_kwargs) for _ in range(depth)])
-        self.fuse_conv = ConvBNAct((2 + depth) * hidden, out_chans, 1)
+            AttentionBottleneck(hidden, attention, num_heads, conv_layer, **attention_kwargs) for _ in range(depth)])
+        self.fuse_conv = conv_layer((2 + depth) * hidden, out_chans, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = list(self.split_conv(x).chunk(2, dim=1))  # 2 x (B, hidden, H, W)

@@ -1,6 +1,7 @@
 """CrossFormer family: official layouts, grouped attention against a plain reference, sizes, state, timm contract."""
 import copy
 import json
+import pickle
 import threading
 from pathlib import Path
 
@@ -180,6 +181,40 @@ def test_position_bias_cache_holds_only_small_biases(size, cached):
     with torch.no_grad():
         layer(torch.randn(1, 32, size, size))
     assert len(layer._bias_cache) == int(cached)
+
+
+def test_position_bias_cache_not_pickled_or_copied():
+    layer = LSDAttention(32, 2, group_size=7).eval()
+    x = torch.randn(1, 32, 14, 14)
+    with torch.no_grad():
+        expected = layer(x)
+    assert layer._bias_cache
+    for copied in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):  # what torch.save(module) pickles
+        assert copied._bias_cache == {}
+        with torch.no_grad():
+            assert torch.equal(copied(x), expected)
+    assert layer._bias_cache  # the original keeps its own
+
+
+def test_position_bias_with_parameters_made_under_inference_mode():
+    layer = LSDAttention(32, 2, group_size=7).eval()
+    x = torch.randn(1, 32, 14, 14, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(layer).double()(x)
+    with torch.inference_mode():
+        layer.double()  # inference tensors: no version counter
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    assert layer._bias_cache == {}
+
+
+def test_traces_agree_in_eval_without_autograd():
+    """torch.jit.trace's check traces again: a cache hit must not turn the bias into a constant in one of them."""
+    layer = LSDAttention(32, 2, group_size=7).eval()
+    x = torch.randn(1, 32, 14, 14)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=True)  # raises TracingCheckError if the two traces differ
+        assert torch.equal(traced(x), layer(x))
 
 
 @pytest.mark.parametrize('batch', [1, 3])

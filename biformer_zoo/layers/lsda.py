@@ -245,6 +245,13 @@ class LSDAttention(nn.Module):
         return f'{kind}, num_heads={self.num_heads}, group_size={self.group_size}, interval={self.interval}, ' \
                f'group_rule={self.group_rule}'
 
+    def __getstate__(self) -> Dict:
+        # pickles and deep copies (torch.save of the module, checkpoints, EMA copies) start with an empty cache: its
+        # entries are keyed by the storage of this instance's parameters, so a copy would never hit them
+        state = super().__getstate__()
+        state['_bias_cache'] = {}
+        return state
+
     def compute_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         """(num_heads, N, N) bias for a ``group_h x group_w`` group, N = group_h * group_w."""
         weight = self.pos.pos_proj.weight
@@ -257,6 +264,8 @@ class LSDAttention(nn.Module):
     @torch.jit.unused
     def _cached_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         params = list(self.pos.parameters())
+        if any(p.is_inference() for p in params):  # made under inference_mode: no version counter to key a cache on
+            return self.compute_position_bias(group_h, group_w)
         device = params[0].device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         key = (group_h, group_w, device, params[0].dtype, autocast) + tuple((p.data_ptr(), p._version) for p in params)
@@ -272,9 +281,10 @@ class LSDAttention(nn.Module):
 
     def position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         """The bias for one call: cached in eval mode without autograd, computed otherwise (and under torch.compile,
-        whose graph computes it once per call without a graph break)."""
+        whose graph computes it once per call without a graph break, and under torch.jit.trace, so that a trace holds
+        the computation rather than a cached tensor and two traces agree)."""
         if not torch.jit.is_scripting():
-            if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()):
                 return self._cached_position_bias(group_h, group_w)
         return self.compute_position_bias(group_h, group_w)
 
