@@ -21,5 +21,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 python3 -c 'import torch, timm, triton; print("torch", torch.__version__, "timm", timm.__version__, "triton", triton.__version__)'
 python3 benchmarks/cuda_report.py ${official:+--official-biformer "$official"} --out "$out/cuda.json" ${COMMIT:+--commit "$COMMIT"} \
   --deadline "${REPORT_DEADLINE:-300}" 2>&1 | tee "$out/report.log" | grep -v Warning | tail -60
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --timeout 60 tests/test_cuda.py \
+# -v: one line per test as it ends, so a run cut off by the timeout still shows what passed and failed
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -v -p no:cacheprovider --timeout 60 tests/test_cuda.py \
   tests/test_hardening.py -k 'cuda' --no-header -rfEs --tb=short 2>&1 | tee "$out/pytest.log" | tail -40

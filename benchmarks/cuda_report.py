@@ -15,6 +15,8 @@ model rotating), bf16 autocast, random weights and inputs:
   step and peak memory as above.
 - ``layers``: one ``BiLevelRoutingAttention`` at each routed stage shape of BiFormer-S (batch 64, bf16 autocast,
   forward + backward of the layer), each ``attn_impl``; ms per call, or the error.
+- ``profile``: ``torch.profiler`` over one training step of ``biformer_small`` and of Swin-T (batch 64): the
+  operators with the most device time (self time, ms per step, calls), to show where the step goes.
 - ``attn_impl``: ``biformer_small`` with each execution of its routed attention (``attn_impl``) and Swin-T, eval
   and train as above.
 
@@ -203,6 +205,34 @@ def layer_rows(batch: int, s: Dict[str, Any], device: torch.device, stages=STAGE
     return dict(shapes=results)
 
 
+def profile_rows(model_names: Sequence[str], batch: int, size: Tuple[int, int], device: torch.device,
+                 top: int = 25) -> Dict[str, Any]:
+    """The ``top`` operators by self device time (CPU time on the CPU) in one training step of each model."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    out = {}
+    for name in model_names:
+        step = Step(build(name, size, None), batch, size, True, device)
+        for _ in range(2):  # warm up (kernels, allocator)
+            step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        with profile(activities=activities) as prof:
+            step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+        events = prof.key_averages()
+        key = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+        if device.type == 'cuda' and not hasattr(events[0], key):
+            key = 'self_cuda_time_total'  # torch < 2.4
+        total = sum(getattr(e, key) for e in events)
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+        out[name] = dict(total_ms=total / 1e3, ops=[dict(op=e.key, ms=getattr(e, key) / 1e3, calls=e.count)
+                                                     for e in ranked])
+        del step
+    return out
+
+
 def ratios(eval_results: Dict[str, Dict[str, Any]], train_results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Throughput over the Swin of the model's class (> 1 faster) and peak train memory over it (< 1 smaller)."""
     out = {}
@@ -235,6 +265,7 @@ def run(device: torch.device, official: Optional[Path], quick: bool, groups: Seq
     models = [*zoo, SWIN_T, SWIN_S, *([OFFICIAL] if official else [])]
     plans: Dict[str, Callable[[], Dict[str, Any]]] = dict(
         layers=lambda: layer_rows(s['train_batch'], s, device),
+        profile=lambda: profile_rows(['biformer_small', SWIN_T], s['train_batch'], size, device),
         eval=lambda: measure(models, s['eval_batch'], size, False, s, device, official),
         train=lambda: measure(models, s['train_batch'], size, True, s, device, official),
         attn_impl=lambda: {mode: measure([*(f'biformer_small[{impl}]' for impl in ATTN_IMPLS), SWIN_T], batch, size,
@@ -298,6 +329,12 @@ def tables(report: Dict[str, Any]) -> List[TextTable]:
         out.append(TextTable('One BiLevelRoutingAttention layer at BiFormer-S\'s stage shapes, bf16 autocast, forward + '
                              'backward, ms per call', ['shape (B x H x W x C)', *labels], rows, label_columns=1,
                              notes=[f'failed: {e}' for e in errors]))
+    profiles = groups.get('profile', {})
+    if profiles and 'error' not in profiles:
+        for name, p in profiles.items():
+            out.append(TextTable(f'{name}: one training step (batch {s["train_batch"]}), operators by self time on '
+                                 f'the device, {p["total_ms"]:.1f} ms in all', ['operator', 'ms', 'calls'],
+                                 [[o['op'], f'{o["ms"]:.2f}', str(o['calls'])] for o in p['ops']], label_columns=1))
     impl = groups.get('attn_impl', {})
     if 'eval' in impl:
         rows = [[label, _fmt(impl['eval'].get(label, {}).get('img_s'), '.0f'),
@@ -321,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--official-biformer', type=Path, default=None, help='clone of rayleizhu/BiFormer')
-    parser.add_argument('--groups', default='layers,eval,train,attn_impl,detection')
+    parser.add_argument('--groups', default='layers,eval,train,profile,attn_impl,detection')
     parser.add_argument('--commit', default=None, help='the commit measured (default: git rev-parse of this tree)')
     parser.add_argument('--out', type=Path, default=HERE / 'results' / 'cuda.json')
     parser.add_argument('--deadline', type=float, default=float('inf'), help='start no group after this many s')

@@ -362,16 +362,30 @@ class BiLevelRoutingAttention(nn.Module):
         Returns (B, Hp, Wp, dim) from the masked dense path, or a view whose memory is in region order from the
         others ((B, n, rh, n, rw, dim) from the gathered paths, (B, n, rh, n, rw, heads, dim / heads) from flex).
         """
-        impl = 'reference' if use_reference_math() else self.attn_impl
-        if impl == 'auto':
+        if torch.jit.is_scripting():
             impl = self._choose_impl(v)
+        else:
+            impl = self._resolve_impl(v)
         if impl == 'dense':
             Hp, Wp = v.shape[1], v.shape[2]
             return self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
         if impl == 'flex':
-            return flex_routed_attention(q, k, v, routed, self.num_regions, self.num_heads, self.scale,
-                                         compiled=v.device.type == 'cuda')
+            return self._flex_attention(q, k, v, routed)
         return self._gathered_attention(q, k, v, routed, custom_backward=impl == 'gather')
+
+    @torch.jit.unused
+    def _resolve_impl(self, v: torch.Tensor) -> str:
+        """The execution this call runs: ``attn_impl``, ``'auto'`` resolved, or ``'reference'`` under
+        ``reference_math()``."""
+        if use_reference_math():
+            return 'reference'
+        return self._choose_impl(v) if self.attn_impl == 'auto' else self.attn_impl
+
+    @torch.jit.unused
+    def _flex_attention(
+            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        return flex_routed_attention(q, k, v, routed, self.num_regions, self.num_heads, self.scale,
+                                     compiled=v.device.type == 'cuda')
 
     def _choose_impl(self, v: torch.Tensor) -> str:
         """What ``'auto'`` runs for projected values ``v`` (B, Hp, Wp, dim)."""

@@ -63,6 +63,9 @@ class RecomputeGeluMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        if torch.jit.is_scripting() or use_reference_math() or not (torch.is_grad_enabled() and hidden.requires_grad):
+        if torch.jit.is_scripting():
             return self.fc2(F.gelu(hidden))
-        return self._fc2_recomputing_gelu(hidden)
+        else:
+            if use_reference_math() or not (torch.is_grad_enabled() and hidden.requires_grad):
+                return self.fc2(F.gelu(hidden))
+            return self._fc2_recomputing_gelu(hidden)
