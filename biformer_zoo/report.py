@@ -30,6 +30,7 @@ with warnings.catch_warnings():  # fvcore scripts a loss function at import, whi
 from timm.models import FeatureInfo
 from torch import nn
 
+from .hub import manifest_entries
 from .layers.bra import count_routed
 from .models import list_zoo_models
 
@@ -61,23 +62,20 @@ class PaperNumbers:
     note: str = ''
 
 
-# Facts measured on, or printed by, the official repositories (rayleizhu/BiFormer, cheerss/CrossFormer).
-PAPER_NUMBERS: Dict[str, PaperNumbers] = {
-    'biformer_tiny': PaperNumbers(13142760, 2.228, 13.1, 2.2, 81.4),
-    'biformer_small': PaperNumbers(25536232, 4.487, 25.5, 4.5, 83.8),
-    'biformer_base': PaperNumbers(56804968, 9.795, 56.8, 9.8, 84.3),
-    'biformer_stl': PaperNumbers(28372552, 4.590, 28.4, 4.6, 82.7),
-    'crossformer_tiny': PaperNumbers(27776794, 2.870, 27.8, 2.9, 81.5),
-    'crossformer_small': PaperNumbers(30657394, 4.925, 30.7, 4.9, 82.5),
-    'crossformer_base': PaperNumbers(51971554, 9.188, 52.0, 9.2, 83.4),
-    'crossformer_large': PaperNumbers(91971184, 16.146, 92.0, 16.1, 84.0),
-    'crossformerpp_small': PaperNumbers(
-        23325340, 4.451, 23.3, 4.9, 83.2, note='the README prints 4.9 GFLOPs; fvcore gives 4.45 and the official '
-                                              'model.flops() 4.39 for the released configuration'),
-    'crossformerpp_base': PaperNumbers(51994594, 9.626, 52.0, 9.5, 84.2),
-    'crossformerpp_large': PaperNumbers(92001904, 16.768, 92.0, 16.6, 84.7),
-    'crossformerpp_huge': PaperNumbers(95962944, 22.073, 96.0, 21.8, 84.9),
-}
+def _paper_numbers() -> Dict[str, PaperNumbers]:
+    """Each architecture's numbers from its first manifest entry (``reported`` and ``official_measured``)."""
+    numbers: Dict[str, PaperNumbers] = {}
+    for entry in manifest_entries():
+        reported, measured = entry['reported'], entry['official_measured']
+        numbers.setdefault(entry['architecture'], PaperNumbers(
+            measured['params'], measured['gflops'], reported['params_M'], reported['gflops'], reported['top1'],
+            reported.get('note', '')))
+    return numbers
+
+
+# Facts measured on, or printed by, the official repositories (rayleizhu/BiFormer, cheerss/CrossFormer), as
+# weights_manifest.json records them
+PAPER_NUMBERS: Dict[str, PaperNumbers] = _paper_numbers()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ import torch
 
 import biformer_zoo  # noqa: F401
 from biformer_zoo.models.biformer import _map_official_key
+from biformer_zoo.report import PAPER_NUMBERS
 from official_layouts import save_official_checkpoint
 
 
 MODELS = ['biformer_tiny', 'biformer_small', 'biformer_base', 'biformer_stl']
-OFFICIAL_PARAMS = {  # official model, num_classes=1000 (shared/reference/official_numbers.json)
-    'biformer_tiny': 13142760, 'biformer_small': 25536232, 'biformer_base': 56804968, 'biformer_stl': 28372552,
-}
+# official model, num_classes=1000, as weights_manifest.json records it (checked against shared/reference below)
+OFFICIAL_PARAMS = {name: n.params_exact for name, n in PAPER_NUMBERS.items() if name.startswith('biformer')}
 # (model name, tag, official layout file)
 OFFICIAL_LAYOUTS = [
     ('biformer_tiny', 'in1k', 'biformer_tiny'),
@@ -187,7 +187,7 @@ def test_integer_input_raises_value_error():
 
 
 def test_reference_numbers_agree_with_shared_reference():
-    """The parameter counts above are the ones recorded from the official code, when the reference is present."""
+    """The manifest's parameter counts are the ones recorded from the official code, when the reference is present."""
     ref = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'official_numbers.json'
     if not ref.exists():
         pytest.skip('shared/reference is not beside this checkout')

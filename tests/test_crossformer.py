@@ -13,6 +13,7 @@ import biformer_zoo  # noqa: F401
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from biformer_zoo.layers.lsda import group_layout
 from biformer_zoo.models.crossformer import _OFFICIAL_BUFFERS, _map_official_key
+from biformer_zoo.report import PAPER_NUMBERS
 from official_layouts import official_layout, save_official_checkpoint
 
 
@@ -21,11 +22,8 @@ MODELS = [
     'crossformerpp_small', 'crossformerpp_base', 'crossformerpp_large', 'crossformerpp_huge',
 ]
 SMALL_MODELS = ['crossformer_tiny', 'crossformerpp_small']
-OFFICIAL_PARAMS = {  # official model, num_classes=1000 (shared/reference/official_numbers.json)
-    'crossformer_tiny': 27776794, 'crossformer_small': 30657394, 'crossformer_base': 51971554,
-    'crossformer_large': 91971184, 'crossformerpp_small': 23325340, 'crossformerpp_base': 51994594,
-    'crossformerpp_large': 92001904, 'crossformerpp_huge': 95962944,
-}
+# official model, num_classes=1000, as weights_manifest.json records it (checked against shared/reference below)
+OFFICIAL_PARAMS = {name: n.params_exact for name, n in PAPER_NUMBERS.items() if name.startswith('crossformer')}
 # (model name, official layout file): the T/S/B/L releases come from the old branch, ++ from main
 OFFICIAL_LAYOUTS = [(name, name) for name in MODELS] + [('crossformer_small', 'crossformer_small_oldbranch')]
 # the public pretrained path, one per official layout (the main-branch v1 layout: in_chans test below)
@@ -479,7 +477,7 @@ def test_bad_kwargs_raise_value_error(kwargs, match):
 
 
 def test_reference_numbers_agree_with_shared_reference():
-    """The parameter counts above are the ones recorded from the official code, when the reference is present."""
+    """The manifest's parameter counts are the ones recorded from the official code, when the reference is present."""
     ref = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'official_numbers.json'
     if not ref.exists():
         pytest.skip('shared/reference is not beside this checkout')
