@@ -6,6 +6,6 @@ works after ``import biformer_zoo``.
 from . import models  # noqa: F401  (registers the model entrypoints with timm)
 from .models import UnknownModelError, create_model, list_zoo_models
 
-__version__ = '0.1.0'
+from ._version import __version__
 
 __all__ = ['create_model', 'list_zoo_models', 'UnknownModelError', '__version__']

@@ -41,7 +41,7 @@ def _print_table(title: str, columns: List[str], rows: List[List[str]]) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.pretrained:
-        from .hub import pretrained_table
+        from .weights import pretrained_table
         rows = pretrained_table()
         title, columns = 'biformer-zoo pretrained weights', ['model.tag', 'status', 'in cache', 'top-1', 'Hub repo']
         cells = [[r['model'], r['status'], 'yes' if r['cached'] else 'no', f"{r['top1']}", r['hf_hub_id']]
@@ -59,7 +59,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .hub import PretrainedWeightsError, convert_checkpoint
+    from .convert import convert_checkpoint
+    from .weights import PretrainedWeightsError
     try:
         result = convert_checkpoint(
             args.model, args.checkpoint, args.out, tag=args.tag, push=args.push,

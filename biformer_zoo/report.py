@@ -30,7 +30,7 @@ with warnings.catch_warnings():  # fvcore scripts a loss function at import, whi
 from timm.models import FeatureInfo
 from torch import nn
 
-from .hub import manifest_entries
+from .weights import manifest_entries
 from .layers.bra import count_routed
 from .models import list_zoo_models
 

@@ -18,7 +18,7 @@ import safetensors.torch
 import timm
 import torch
 
-from biformer_zoo import cli, hub  # importing the package registers the models
+from biformer_zoo import cli, hub, weights  # importing the package registers the models
 from biformer_zoo.models import list_zoo_models
 from hub_utils import REPO_ROOT, add_to_hub_cache, run_python, serve_hub
 from official_layouts import save_official_checkpoint, synth_official_state_dict
@@ -156,7 +156,7 @@ def test_convert_keeps_a_published_entry_published(tiny_converted, tiny_checkpoi
     entry.update(sha256=published, size=1, status='published')
     path = tmp_path / 'weights_manifest.json'
     path.write_text(json.dumps(manifest))
-    monkeypatch.setattr(hub, 'MANIFEST_PATH', path)
+    monkeypatch.setattr(weights.manifest, 'MANIFEST_PATH', path)
     hub.load_manifest.cache_clear()
     try:
         convert = functools.partial(hub.convert_checkpoint, TINY, tiny_checkpoint, tmp_path / 'out',
@@ -351,10 +351,10 @@ LOAD_SCENARIOS = r'''
 import json, sys
 import safetensors.torch, timm, torch
 import biformer_zoo
-from biformer_zoo import hub
+from biformer_zoo import hub, weights
 
 args = json.loads(sys.argv[1])
-hub.MANIFEST_PATH = args['manifest']
+weights.manifest.MANIFEST_PATH = args['manifest']
 hub.load_manifest.cache_clear()
 expected = safetensors.torch.load_file(args['weights'])
 images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

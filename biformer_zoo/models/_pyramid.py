@@ -7,7 +7,7 @@ from timm.layers import trunc_normal_
 from timm.models import get_arch_pretrained_cfgs
 from timm.models._features import feature_take_indices
 
-from ..hub import checkpoint_filter_of, prepare_pretrained
+from ..weights import checkpoint_filter_of, prepare_pretrained
 from ..layers import check_image_input
 
 
@@ -36,7 +36,7 @@ def check_head_args(num_classes: int, global_pool: str) -> None:
 
 def prepare_create_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """What each family's ``_create_*`` does before ``build_model_with_cfg``: check the pretrained tag, resolve and
-    check the weights (``hub.prepare_pretrained``), refuse an ``output_stride`` other than 32, and turn ``img_size``
+    check the weights (``weights.prepare_pretrained``), refuse an ``output_stride`` other than 32, and turn ``img_size``
     into the pretrained cfg's ``input_size``."""
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
     return apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))

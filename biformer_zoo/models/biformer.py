@@ -23,8 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..hub import release_loaded_state_dict
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
+from ..weights import register_checkpoint_filter, release_loaded_state_dict
 from ._pyramid import PyramidModel, check_head_args, prepare_create_kwargs, pretrained_tag
 
 __all__ = ['BiFormer']
@@ -269,6 +269,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
             value = value.flatten(1)  # nchw layout: 1x1 convs -> linear
         out[key] = value
     return out
+
+
+register_checkpoint_filter(BiFormer, checkpoint_filter_fn)
 
 
 def _global_lepe_on_value(model: nn.Module) -> bool:

@@ -25,8 +25,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..hub import release_loaded_state_dict
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
+from ..weights import register_checkpoint_filter, release_loaded_state_dict
 from ._pyramid import PyramidModel, check_head_args, prepare_create_kwargs
 
 __all__ = ['CrossFormer']
@@ -243,6 +243,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
     if 'stem.projs.0.weight' in state_dict:
         return state_dict
     return {_map_official_key(k): v for k, v in state_dict.items() if not k.endswith(_OFFICIAL_BUFFERS)}
+
+
+register_checkpoint_filter(CrossFormer, checkpoint_filter_fn)
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
