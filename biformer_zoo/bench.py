@@ -27,7 +27,8 @@ import timm
 import torch
 from torch import nn
 
-from .report import TextTable, create_model_for_size, parse_img_size, progress_bar, tables_to_markdown
+from .arguments import create_model_for_size, parse_img_size
+from .tables import TextTable, progress_bar, tables_to_markdown
 
 __all__ = [
     'BenchResult', 'BenchReport', 'DEFAULT_BASELINE', 'BENCH_SCHEMA_VERSION', 'BENCH_FORMATS', 'benchmark',

@@ -1,38 +1,25 @@
-"""Parameter and FLOP report for any timm model, with the papers' numbers beside ours.
+"""Parameter and FLOP report for any timm model, with the papers' numbers (from the weights manifest) beside ours.
 
-FLOPs follow fvcore's convention: one multiply-add is one flop, and only the operators that have a
-handle are counted (convolutions, matmuls, linear layers, norms, a few pooling/upsampling ops).
-fvcore alone silently counts ``scaled_dot_product_attention`` (and ``baddbmm``) as zero, which would
-hide the attention matmuls of every model that uses a fused attention kernel; this module registers
-handles for them that count exactly the two matmuls an unfused attention performs
-(``q @ k^T`` and ``attn @ v``): ``batch * heads * Lq * Lk * (d_qk + d_v)``. What is still not counted
+FLOPs are counted by ``biformer_zoo.flops`` (fvcore's convention, attention included). What is still not counted
 (softmax, topk, elementwise ops, the scale/mask/softmax inside attention) is listed per model in
-``ModelProfile.uncounted_ops``.
+``ModelProfile.uncounted_ops``. Tables render through ``biformer_zoo.tables``; names, sizes and model arguments are
+parsed by ``biformer_zoo.arguments`` (both re-exported here).
 """
-import ast
 import csv
 import io
 import json
-import math
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from difflib import get_close_matches
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
-
-with warnings.catch_warnings():  # fvcore scripts a loss function at import, which torch now warns about
-    warnings.simplefilter('ignore', FutureWarning)
-    from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
-    from fvcore.nn.jit_handles import get_shape
 from timm.models import FeatureInfo
 from torch import nn
 
+from .arguments import create_model_for_size, parse_img_size, parse_model_args, resolve_model_names
+from .flops import ATTENTION_OPS, SDPA_UNCOUNTED, activation_analysis, flop_analysis
+from .tables import TextTable, print_rich_tables, progress_bar, tables_to_markdown
 from .weights import manifest_entries
-from .layers.bra import count_routed
-from .models import list_zoo_models
 
 __all__ = [
     'ModelProfile', 'StageProfile', 'PaperNumbers', 'PAPER_NUMBERS', 'REPORT_SCHEMA_VERSION', 'REPORT_FORMATS',
@@ -43,9 +30,6 @@ __all__ = [
 
 REPORT_SCHEMA_VERSION = 1
 PAPER_INPUT_SIZE = (224, 224)
-
-ImageSize = Tuple[int, int]  # (height, width)
-
 
 @dataclass(frozen=True)
 class PaperNumbers:
@@ -76,123 +60,6 @@ def _paper_numbers() -> Dict[str, PaperNumbers]:
 # Facts measured on, or printed by, the official repositories (rayleizhu/BiFormer, cheerss/CrossFormer), as
 # weights_manifest.json records them
 PAPER_NUMBERS: Dict[str, PaperNumbers] = _paper_numbers()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fvcore handles for the operators fvcore leaves at zero
-
-ATTENTION_OPS = (
-    'aten::scaled_dot_product_attention',
-    'aten::_scaled_dot_product_attention_math',
-    'aten::_scaled_dot_product_flash_attention',
-    'aten::_scaled_dot_product_flash_attention_for_cpu',
-    'aten::_scaled_dot_product_efficient_attention',
-    'aten::_scaled_dot_product_cudnn_attention',
-)
-
-SDPA_UNCOUNTED = 'sdpa softmax/scale/mask'  # the non-matmul work inside scaled_dot_product_attention
-
-# Operators that only move, view, index or create data: zero flops by any convention.
-DATA_MOVEMENT_OPS = frozenset(f'aten::{op}' for op in (
-    'Int', 'ScalarImplicit', 'size', 'numel', 'dim', 'arange', 'empty', 'empty_like', 'new_empty', 'new_full',
-    'new_zeros', 'new_ones', 'zeros', 'zeros_like', 'ones', 'ones_like', 'full', 'full_like', 'linspace', 'meshgrid',
-    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'unsqueeze_',
-    'permute', 'transpose', 't', 'contiguous', 'expand', 'expand_as', 'repeat', 'repeat_interleave', 'tile',
-    'slice', 'select', 'narrow', 'chunk', 'split', 'split_with_sizes', 'unbind', 'cat', 'concat', 'stack',
-    'roll', 'flip', 'unfold', 'pixel_shuffle', 'pixel_unshuffle', 'pad', 'constant_pad_nd', 'reflection_pad2d',
-    'replication_pad2d', 'gather', 'index', 'index_select', 'take_along_dim', 'index_put_', 'scatter',
-    'copy_', 'clone', 'detach', 'to', 'type_as', 'dropout', 'feature_dropout', 'alpha_dropout', 'lift_fresh',
-    'nonzero', 'masked_select', 'movedim', 'as_strided', 'channel_shuffle',
-    # in traces these two are Python-int shape arithmetic (window/padding sizes), not tensor compute
-    'remainder', 'floor_divide',
-))
-
-
-def _shape(value: Any) -> List[int]:
-    shape = get_shape(value)
-    if shape is None:
-        raise RuntimeError('fvcore could not read a tensor shape from the traced graph; trace the model with a '
-                           'concrete input tensor (no dynamic shapes)')
-    return list(shape)
-
-
-def attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """Flops of ``scaled_dot_product_attention(q, k, v)`` as the two matmuls of unfused attention.
-
-    q: (..., Lq, d_qk), k: (..., Lk, d_qk), v: (..., Lk, d_v), out: (..., Lq, d_v) with broadcast batch dims
-    (heads included; grouped-query attention broadcasts k/v over the query heads).
-    """
-    query, key, value, out = _shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]), _shape(outputs[0])
-    batch_heads = math.prod(out[:-2])
-    return batch_heads * query[-2] * key[-2] * (query[-1] + value[-1])
-
-
-def attention_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """Activations of attention as fvcore counts the unfused version: the score matrix plus the output."""
-    query, key, value, out = _shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]), _shape(outputs[0])
-    batch_heads = math.prod(out[:-2])
-    return batch_heads * query[-2] * key[-2] + batch_heads * query[-2] * value[-1]
-
-
-def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """Flops of ``baddbmm(bias, a, b)``: the batched matmul a (B, n, k) @ b (B, k, m); the bias add is elementwise."""
-    batch1, batch2 = _shape(inputs[1]), _shape(inputs[2])
-    return batch1[0] * batch1[1] * batch1[2] * batch2[2]
-
-
-def output_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """Activations as fvcore counts them for matmul-like ops: the elements of the output."""
-    return math.prod(_shape(outputs[0]))
-
-
-EXTRA_FLOP_HANDLES: Dict[str, Callable] = {
-    **{op: attention_flop_jit for op in ATTENTION_OPS}, 'aten::baddbmm': baddbmm_flop_jit}
-EXTRA_ACTIVATION_HANDLES: Dict[str, Callable] = {
-    **{op: attention_activation_jit for op in ATTENTION_OPS}, 'aten::baddbmm': output_activation_jit}
-
-
-def _quiet(analysis: Any) -> Any:
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    analysis.tracer_warnings('none')
-    return analysis
-
-
-def _counting(handle: Callable, op: str, calls: Counter) -> Callable:
-    def counted_handle(inputs: List[Any], outputs: List[Any]) -> int:
-        calls[op] += 1
-        return handle(inputs, outputs)
-    return counted_handle
-
-
-def _traced_without_grad(model: nn.Module, analysis: Any) -> Any:
-    """Run the (lazy, cached) fvcore trace now, under ``no_grad``: models that wrap a kernel in an autograd Function
-    only for training then trace their plain, countable path. BiFormer's routed attention is traced on its gather
-    path (``count_routed``), not the masked dense shortcut that multiplies scores the routing discards."""
-    with torch.no_grad(), count_routed(model):
-        analysis.total()
-    return analysis
-
-
-def flop_analysis(model: nn.Module, inputs: torch.Tensor, calls: Optional[Counter] = None) -> FlopCountAnalysis:
-    """fvcore ``FlopCountAnalysis`` with attention/baddbmm handles, traced under ``no_grad``.
-
-    fvcore ignores some arithmetic ops by default (relu, clamp, max, masked_fill ...); here only data movement is
-    ignored, so that ``unsupported_ops()`` lists every op that computes something and is not counted.
-    ``calls``, if given, receives how often each of the extra handled ops ran. A custom ``torch.autograd.Function``
-    traces as one opaque ``prim::PythonOp.<name>`` whose contents are not counted; it is listed as unsupported.
-    """
-    handles = EXTRA_FLOP_HANDLES if calls is None else {
-        op: _counting(handle, op, calls) for op, handle in EXTRA_FLOP_HANDLES.items()}
-    analysis = _quiet(FlopCountAnalysis(model, inputs).set_op_handle(**handles))
-    analysis._ignored_ops = set(DATA_MOVEMENT_OPS)  # fvcore has no public way to un-ignore an op
-    return _traced_without_grad(model, analysis)
-
-
-def activation_analysis(model: nn.Module, inputs: torch.Tensor) -> ActivationCountAnalysis:
-    """fvcore ``ActivationCountAnalysis`` with attention/baddbmm handles, traced under ``no_grad``."""
-    analysis = ActivationCountAnalysis(model, inputs).set_op_handle(**EXTRA_ACTIVATION_HANDLES)
-    return _traced_without_grad(model, _quiet(analysis))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,88 +104,6 @@ class ModelProfile:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
-
-
-def parse_img_size(value: Union[str, int, Sequence[int]]) -> ImageSize:
-    """``224`` -> (224, 224); ``'1280x800'`` -> (1280, 800): height first, as mmdet's ``get_flops.py --shape``."""
-    if isinstance(value, int):
-        sizes = [value, value]
-    elif isinstance(value, str):
-        parts = value.lower().replace('*', 'x').split('x')
-        if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 2):
-            raise ValueError(f'image size must be an integer like 224 or HxW like 1280x800, got {value!r}')
-        sizes = [int(p) for p in parts] * (3 - len(parts))
-    else:
-        sizes = list(value)[-2:]
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f'image size must be two positive integers (height, width), got {value!r}')
-    return int(sizes[0]), int(sizes[1])
-
-
-def parse_model_args(pairs: Optional[Iterable[str]]) -> Dict[str, Any]:
-    """``['n_win=16', 'topks=(1,4,16,None)']`` -> ``{'n_win': 16, 'topks': (1, 4, 16, None)}``.
-
-    Values are Python literals where they parse as one, strings otherwise.
-    """
-    kwargs: Dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, text = pair.partition('=')
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(f'model argument must look like KEY=VALUE (e.g. n_win=16), got {pair!r}')
-        try:
-            kwargs[key.strip()] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = text
-    return kwargs
-
-
-def resolve_model_names(patterns: Optional[Iterable[str]] = None) -> List[str]:
-    """Model names for the given names or wildcard patterns (``'biformer_*'``, ``'swin_tiny*'``).
-
-    No patterns means every model of this package. Any timm model name is accepted. Raises ``ValueError`` for a
-    name timm does not know or a pattern that matches nothing.
-    """
-    patterns = list(patterns or [])
-    if not patterns:
-        return list_zoo_models()
-    names: List[str] = []
-    for pattern in patterns:
-        if any(ch in pattern for ch in '*?['):
-            matches = timm.list_models(pattern)
-            if not matches:
-                raise ValueError(f'pattern {pattern!r} matches no timm model; check it with '
-                                 f'`python -c "import biformer_zoo, timm; print(timm.list_models({pattern!r}))"`')
-        elif timm.is_model(pattern):
-            matches = [pattern]
-        else:
-            close = get_close_matches(pattern, list_zoo_models() + timm.list_models(), n=3)
-            hint = f'; did you mean {", ".join(close)}?' if close else '; `biformer-zoo list` shows the zoo models'
-            raise ValueError(f'unknown model {pattern!r}: it is neither a biformer-zoo model nor a timm model{hint}')
-        names.extend(m for m in matches if m not in names)
-    return names
-
-
-def create_model_for_size(name: str, img_size: ImageSize, features_only: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``name`` (random weights) so that it accepts ``img_size`` inputs.
-
-    Models with a fixed input size (e.g. timm's Swin) are built with ``img_size``; models that take any size and
-    have no such argument are built without it.
-    """
-    default_cfg = timm.get_pretrained_cfg(name)
-    default_size = tuple(default_cfg.input_size[-2:]) if default_cfg is not None else None
-    try:
-        if default_size != tuple(img_size):
-            try:
-                return timm.create_model(name, features_only=features_only, img_size=img_size, **kwargs)
-            except TypeError as e:
-                if 'img_size' not in str(e):
-                    raise
-        return timm.create_model(name, features_only=features_only, **kwargs)
-    except TypeError as e:  # an argument the model does not take, e.g. a --model-arg meant for another family
-        if 'argument' not in str(e):
-            raise
-        raise ValueError(f'{name} cannot be built with {kwargs}: {e}. Pass model arguments only to models that '
-                         f'take them (one command per family)') from None
 
 
 def _stage_modules(model: nn.Module) -> List[Tuple[str, str]]:
@@ -474,30 +259,8 @@ def profile_many(
     return profiles
 
 
-def progress_bar(enabled: bool) -> Any:
-    """A rich progress bar on stderr; silent when disabled or when stderr is not a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    console = Console(stderr=True)
-    return Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not (enabled and console.is_terminal))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Tables: one neutral form, rendered as rich tables, markdown or csv
-
-
-@dataclass
-class TextTable:
-    """A titled table of already formatted cells, with notes printed under it.
-
-    The first ``label_columns`` columns are labels (left-aligned); the others are numbers (right-aligned).
-    """
-    title: str
-    columns: List[str]
-    rows: List[List[str]]
-    notes: List[str] = field(default_factory=list)
-    label_columns: int = 2
 
 
 def _num(value: Optional[float], digits: int = 2) -> str:
@@ -581,39 +344,6 @@ def report_tables(profiles: Sequence[ModelProfile]) -> List[TextTable]:
         op_cells = [_num(p.gflops_by_operator.get(op), 3) for op in operators]
         per_operator.rows.append([p.model, _input_label(p), *op_cells, uncounted])
     return [summary, per_stage, per_operator]
-
-
-def _markdown_cell(text: str) -> str:
-    return text.replace('|', '\\|')
-
-
-def tables_to_markdown(tables: Sequence[TextTable]) -> str:
-    """GitHub markdown: a bold title, the table, then the notes as a list."""
-    parts = []
-    for table in tables:
-        lines = [f'**{table.title}**', '', '| ' + ' | '.join(map(_markdown_cell, table.columns)) + ' |',
-                 '|' + '|'.join('---' if i < table.label_columns else '---:' for i in range(len(table.columns))) + '|']
-        lines += ['| ' + ' | '.join(map(_markdown_cell, row)) + ' |' for row in table.rows]
-        if table.notes:
-            lines += [''] + [f'- {note}' for note in table.notes]
-        parts.append('\n'.join(lines))
-    return '\n\n'.join(parts) + '\n'
-
-
-def print_rich_tables(tables: Sequence[TextTable], console: Any = None) -> None:
-    """Print the tables with rich (numbers right-aligned), each followed by its notes."""
-    from rich.console import Console
-    from rich.table import Table
-    console = console or Console()
-    for table in tables:
-        rich_table = Table(title=table.title, title_justify='left')
-        for i, column in enumerate(table.columns):
-            rich_table.add_column(column, justify='left' if i < table.label_columns else 'right', overflow='fold')
-        for row in table.rows:
-            rich_table.add_row(*row)
-        console.print(rich_table)
-        for note in table.notes:
-            console.print(f'[dim]- {note}[/dim]')
 
 
 def _flat_row(p: ModelProfile) -> Dict[str, Any]:
