@@ -50,6 +50,22 @@ def test_imagenet_recipe_values_are_plausible(path: Path):
             and c['min_lr'] < c['lr'] and c['warmup_lr'] < c['lr'] and c['batch_size'] > 0), c
 
 
+@pytest.mark.parametrize('path', IMAGENET_CONFIGS, ids=lambda p: p.stem)
+def test_imagenet_recipe_runs_in_stock_train_py(path: Path):
+    """train.py imports `device_modules` first (the zoo registers its models), amp is bf16 (train.py asserts
+    float16/bfloat16; bf16 needs no loss scaler and runs on CPUs), and the one-process command of the header turns
+    off repeated augmentation, which timm's loader refuses outside torchrun."""
+    c = _load(path)
+    header = [line for line in path.read_text().splitlines() if line.startswith('#')]
+    commands = [line.strip('# ') for line in header if 'train.py --config' in line]
+    torchrun, single = commands
+    assert 'biformer_zoo' in c['device_modules']
+    assert c['amp'] is True and c['amp_dtype'] == 'bfloat16'
+    assert torchrun.startswith('torchrun ') and f'configs/imagenet/{path.name}' in torchrun
+    assert single.startswith('python train.py ') and f'configs/imagenet/{path.name}' in single
+    assert ('--aug-repeats 0' in single) == bool(c.get('aug_repeats')), single
+
+
 def test_presets_are_listed_by_task():
     detection, segmentation = list_presets('detection'), list_presets('segmentation')
     assert sorted(detection + segmentation) == list_presets() == sorted(p.stem for p in PRESETS)

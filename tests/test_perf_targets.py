@@ -102,65 +102,6 @@ def test_parity_script_pass_rule(capsys):
     assert capsys.readouterr().out.count('FAIL') == 3
 
 
-@pytest.mark.parametrize('mode', ['infer', 'train'])
-def test_op_breakdown_puts_every_op_in_one_group(mode):
-    """benchmarks/op_breakdown.py: the groups add up to the total, and the attention kernels are in 'attention'."""
-    import timm
-    breakdown = _load_benchmark('op_breakdown')
-    models = {name: timm.create_model(name, depths=(1, 1, 1, 1)) for name in ('biformer_tiny', 'crossformer_tiny')}
-    times = breakdown.op_times(models, mode, batch_size=1, img_size=64, rounds=1)
-    rows = breakdown.group_table(times)
-    assert [row[0] for row in rows] == [g for g, _ in breakdown.GROUPS] + [breakdown.OTHER, 'total']
-    for column in (1, 2):
-        groups, total = [float(row[column]) for row in rows[:-1]], float(rows[-1][column])
-        assert total > 0 and math.isclose(sum(groups), total, abs_tol=0.1 * len(groups))
-    flash = [op for op in times['biformer_tiny'] if 'scaled_dot_product' in op]
-    assert flash and {breakdown.op_group(op) for op in flash} == {'attention'}
-    assert breakdown.op_group('aten::convolution_backward') == 'convolution'
-    assert breakdown.op_group('aten::index_add_') == 'gather / copy'
-
-
-def test_thread_scaling_times_every_kernel_with_one_and_two_threads():
-    """benchmarks/thread_scaling.py: a row per kernel and mode with positive times, and the thread count restored."""
-    scaling = _load_benchmark('thread_scaling')
-    threads = torch.get_num_threads()
-    kernels = scaling.kernels(batch_size=1)
-    fn, inputs, kwargs = kernels['stage 3 masked dense SDPA (196 x 196 tokens, 8 heads)']
-    assert kwargs['attn_mask'].shape == (1, 1, 196, 196) and torch.isinf(kwargs['attn_mask']).any()
-    assert fn(*inputs, **kwargs).shape == (1, 8, 196, 32)
-    rows = scaling.measure(batch_size=1, rounds=1, warmup=1)
-    assert torch.get_num_threads() == threads
-    assert [(row[0], row[1]) for row in rows] == [
-        (name, mode) for name in kernels for mode in ('forward', 'forward + backward')]
-    for row in rows:
-        assert float(row[2]) > 0 and float(row[3]) > 0 and row[4].endswith('x') and float(row[5]) >= 0
-
-
-@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
-def test_flex_routing_matches_the_layer_and_times_both():
-    """benchmarks/flex_routing.py with eager flex (no compiler needed): outputs equal to the layer's, both timed,
-    and a backward that flex cannot run on CPU reported as a row instead of raised."""
-    flex = _load_benchmark('flex_routing')
-    rows = flex.measure(batch_size=1, rounds=1, warmup=0, backward=True, compiled=False,
-                        stages=[(28, 32, 2, 4), (14, 64, 2, 16)])
-    forward = [row for row in rows if row[1] == 'forward']
-    assert [row[0] for row in forward] == ['1x28x28x32, 2 heads, topk 4', '1x14x14x64, 2 heads, topk 16']
-    for row in forward:
-        assert float(row[2]) > 0 and float(row[3]) > 0 and float(row[5]) < 1e-5
-    backward = [row for row in rows if row[1] == 'forward + backward']
-    assert len(backward) == 2
-    assert all(row[4].startswith('flex failed') or float(row[5]) < 1e-5 for row in backward)
-
-
-@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
-def test_flex_routing_in_model_gives_the_same_logits():
-    """benchmarks/flex_routing.py --in-model: flex in the topk-4 layers leaves the logits as they were."""
-    flex = _load_benchmark('flex_routing')
-    ratio, low, high, difference = flex.model_ratio('biformer_tiny', topks=(4,), batch_size=1, img_size=64, rounds=2,
-                                                    warmup=0, compiled=False)
-    assert 0 < low <= ratio <= high and difference < 1e-5
-
-
 def test_cuda_report_ratios_and_tables_follow_from_the_saved_run():
     """benchmarks/results/cuda.json (an H200 run): every ratio is the model's figure over its Swin's, and the
     document tables render from it."""
