@@ -16,7 +16,7 @@
   blocks' (B, H, W, C) layout: NCHW input against the channels-last input the models give their stems.
 
 Rounds alternate the two variants (``bench.round_robin``); medians in ms. These are layers in a warm cache: inside
-a model, where the tensors are cold, they take longer (see README, "Speed and memory on CPU").
+a model, where the tensors are cold, they take longer (see docs/performance.md, "Speed and memory on CPU").
 """
 import argparse
 import statistics

@@ -31,8 +31,7 @@ Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bot
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
 """
 from contextlib import contextmanager
-from functools import partial
-from typing import ContextManager, Iterator, Optional, Tuple
+from typing import ContextManager, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from ._routed_flex import flex_routed_attention
+from ._routed_gather import RoutedAttention, gather_qkv
 from .conv import DepthwiseConv2d
 from .reference import use_reference_math
 
@@ -104,29 +104,6 @@ def routing_mask(
     return allowed.index_select(1, token_region).index_select(2, token_region).unsqueeze(1)
 
 
-# the CPU flash-attention kernels, called directly so that forward can keep the log-sum-exp for backward
-_flash_forward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
-_flash_backward = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward', None)
-
-
-def _gather_heads(rows: torch.Tensor, index: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows ``index`` (regions, tokens) of ``rows`` (B * H * W, C) as (regions, heads, tokens, C / heads)."""
-    regions, tokens = index.shape[0], index.shape[1]  # -1 fails on empty batches
-    return rows.index_select(0, index.flatten()).view(regions, tokens, heads, rows.shape[1] // heads).transpose(1, 2)
-
-
-def _gather_qkv(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        q_index: torch.Tensor,
-        kv_index: torch.Tensor,
-        heads: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries of each region and keys/values of its routed regions, each (B * regions, heads, tokens, d)."""
-    return _gather_heads(q, q_index, heads), _gather_heads(k, kv_index, heads), _gather_heads(v, kv_index, heads)
-
-
 def routed_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -150,100 +127,8 @@ def routed_attention(
     Returns:
         (B * regions, heads, tokens, dim / heads)
     """
-    q, k, v = _gather_qkv(q, k, v, q_index, kv_index, heads)
+    q, k, v = gather_qkv(q, k, v, q_index, kv_index, heads)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-def _attention_backward(
-        grad_out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``F.scaled_dot_product_attention`` w.r.t. q, k and v, recomputing its forward.
-
-    Recomputing costs one more (fused) attention forward, and keeps SDPA's fused backward kernels (flash or
-    memory-efficient attention on CUDA) instead of materialising the probabilities.
-    """
-    _, attention_vjp = torch.func.vjp(partial(F.scaled_dot_product_attention, scale=scale), q, k, v)
-    return attention_vjp(grad_out)
-
-
-class _RoutedAttention(torch.autograd.Function):
-    """``routed_attention`` that saves only the projected tokens (and on CPU the output) for backward.
-
-    Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
-    Here backward gathers them again (with ``topk=1`` only the values: the gathered queries and keys are kept), runs
-    the attention backward and sums the gradients of repeated keys/values back into their tokens (``index_add_``).
-    On CPU, forward and backward call the flash-attention kernels directly, so backward reuses the forward's output
-    and log-sum-exp instead of recomputing the probabilities.
-
-    ``forward`` returns the attention output followed by the intermediates backward needs (non-differentiable), and
-    ``setup_context`` saves them: the form ``torch.func`` transforms require. Callers use ``apply(...)[0]``.
-    """
-
-    @staticmethod
-    def _uses_flash(q: torch.Tensor) -> bool:
-        return q.device.type == 'cpu' and _flash_backward is not None and _flash_forward is not None
-
-    @staticmethod
-    def _keeps_gathered(q_index: torch.Tensor, kv_index: torch.Tensor) -> bool:
-        # with one routed region per query region (topk=1) the gathered queries and keys are no larger than the
-        # tokens: keep them instead, so that backward only gathers the values (whose rows LePE keeps anyway)
-        return kv_index.shape[1] == q_index.shape[1]
-
-    @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor,
-                heads: int, scale: float) -> Tuple[torch.Tensor, ...]:
-        if not _RoutedAttention._uses_flash(q):
-            return (routed_attention(q, k, v, q_index, kv_index, heads, scale),)
-        q_routed, k_routed, v_routed = _gather_qkv(q, k, v, q_index, kv_index, heads)
-        out, lse = _flash_forward(q_routed, k_routed, v_routed, scale=scale)
-        if _RoutedAttention._keeps_gathered(q_index, kv_index):
-            return out, lse, q_routed, k_routed
-        return out, lse
-
-    @staticmethod
-    def setup_context(ctx, inputs: Tuple, output: Tuple[torch.Tensor, ...]) -> None:
-        q, k, v, q_index, kv_index, heads, scale = inputs
-        ctx.heads, ctx.scale, ctx.rows_shapes = heads, scale, (q.shape, k.shape, v.shape)
-        ctx.flash = len(output) > 1
-        ctx.keep_gathered = len(output) > 2
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        if ctx.keep_gathered:
-            q, k = output[2:]
-        ctx.save_for_backward(q, k, v, q_index, kv_index, *(output[:2] if ctx.flash else ()))
-
-    @staticmethod
-    def backward(ctx, grad_out: Optional[torch.Tensor], *unused: Optional[torch.Tensor]):
-        if grad_out is None:  # only non-differentiable outputs were used
-            return None, None, None, None, None, None, None
-        saved = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
-        q, k, v, q_index, kv_index = saved[:5]
-        if ctx.flash and ctx.keep_gathered:
-            v = _gather_heads(v, kv_index, ctx.heads)
-        else:
-            q, k, v = _gather_qkv(q, k, v, q_index, kv_index, ctx.heads)
-        if ctx.flash:
-            out, lse = saved[5:]
-            grad_q, grad_k, grad_v = _flash_backward(grad_out, q, k, v, out, lse, 0.0, False, scale=ctx.scale)
-        else:
-            grad_q, grad_k, grad_v = _attention_backward(grad_out, q, k, v, ctx.scale)
-        q_rows_index, kv_rows_index = q_index.flatten(), kv_index.flatten()
-
-        def rows(grad: torch.Tensor) -> torch.Tensor:  # (B * regions, heads, tokens, d) -> (B * regions * tokens, C)
-            return grad.transpose(1, 2).flatten(2).flatten(0, 1)
-
-        # every token is the query of exactly one region; routed keys/values repeat, so they accumulate
-        q_shape, k_shape, v_shape = ctx.rows_shapes
-        grad_q_rows = grad_q.new_empty(q_shape).index_copy_(0, q_rows_index, rows(grad_q))
-        # index_add_: parallel and deterministic on CPU; atomic adds on CUDA, which under
-        # torch.use_deterministic_algorithms(True) becomes a deterministic accumulating index_put_
-        grad_k_rows = grad_k.new_zeros(k_shape).index_add_(0, kv_rows_index, rows(grad_k))
-        grad_v_rows = grad_v.new_zeros(v_shape).index_add_(0, kv_rows_index, rows(grad_v))
-        return grad_q_rows, grad_k_rows, grad_v_rows, None, None, None, None
 
 
 @register_notrace_module
@@ -317,7 +202,7 @@ class BiLevelRoutingAttention(nn.Module):
     @torch.jit.unused
     def _routed_attention_autograd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
                                    kv_index: torch.Tensor) -> torch.Tensor:
-        return _RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)[0]
+        return RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last:
