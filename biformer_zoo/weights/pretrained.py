@@ -49,8 +49,8 @@ def _hub_error_message(
         model_tag: str,
         repo_id: str,
         filename: str,
-        not_published: str,
         cache_dir: Optional[PathLike],
+        published: bool,
 ) -> str:
     """One message for a failed ``hf_hub_download``: what went wrong, for which model and repo, and what to do."""
     from huggingface_hub import constants
@@ -60,7 +60,7 @@ def _hub_error_message(
 
     head = f"{model_tag}: cannot get the pretrained weights ({filename}) from the Hugging Face Hub repo '{repo_id}'"
     local = 'load a local file with pretrained_cfg_overlay=dict(file=...)'
-    otherwise = not_published or f' Or {local}.'
+    otherwise = f' Or {local}.'
     cache = cache_dir or constants.HF_HUB_CACHE
     cause = error.__cause__
     http_status = getattr(getattr(cause, 'response', None), 'status_code', None)
@@ -69,14 +69,16 @@ def _hub_error_message(
                 f'account, or {local}.')
     if isinstance(error, LocalEntryNotFoundError):
         if constants.is_offline_mode():
+            if not published:  # nothing to download: the caller leads with how to convert
+                return f'{head}: HF_HUB_OFFLINE is set and the file is not in the Hub cache {cache}.'
             return (f'{head}: HF_HUB_OFFLINE is set and the file is not in the Hub cache {cache}. Download it once '
                     f'with network access (`hf download {repo_id} {filename}`, or unset HF_HUB_OFFLINE), point '
-                    f'HF_HUB_CACHE at a cache that has it, or {local}.{not_published}')
+                    f'HF_HUB_CACHE at a cache that has it, or {local}.')
         if http_status == 404:  # an endpoint that answers 404 without the Hub's error headers
             return f'{head}: {constants.ENDPOINT} answers 404 Not Found for it.{otherwise}'
         return (f'{head}: {constants.ENDPOINT} could not be reached ({type(cause or error).__name__}: '
                 f'{cause or error}) and the file is not in the Hub cache {cache}. Check the network or proxy, set '
-                f'HF_ENDPOINT to a reachable mirror, or {local}.{not_published}')
+                f'HF_ENDPOINT to a reachable mirror, or {local}.')
     if isinstance(error, RepositoryNotFoundError):
         return (f'{head}: the repo does not exist on {constants.ENDPOINT} (or is private and HF_TOKEN does not give '
                 f'access).{otherwise}')
@@ -106,16 +108,17 @@ def download_weights(
 
     model_tag = f'{architecture}.{tag}' if tag else architecture
     repo_id, revision = split_hub_id(hf_hub_id)
-    not_published = ''
-    if entry is not None and entry.get('status') != 'published':
-        not_published = (f" These weights are not published on the Hub yet (status '{entry['status']}' in the "
-                         f"weights manifest). " + _convert_hint(architecture, tag, entry))
+    published = entry is None or entry.get('status') == 'published'
     try:
         return hf_hub_download(
             repo_id, filename, revision=revision, cache_dir=cache_dir,
             library_name='biformer-zoo', library_version=__version__)
     except Exception as e:  # huggingface_hub's errors, OS errors, and the HTTP client's (e.g. a proxy error)
-        message = _hub_error_message(e, model_tag, repo_id, filename, not_published, cache_dir)
+        message = _hub_error_message(e, model_tag, repo_id, filename, cache_dir, published)
+        if not published:  # what the user can do now comes first; why the Hub had nothing comes after
+            message = (f"{model_tag}: these pretrained weights are not published on the Hugging Face Hub yet (status "
+                       f"'{entry['status']}' in the weights manifest). {_convert_hint(architecture, tag, entry)} "
+                       f'The Hub lookup: {message}')
         raise PretrainedWeightsError(message) from e
 
 
