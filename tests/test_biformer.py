@@ -79,32 +79,6 @@ def test_pretrained_cfg():
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_forward_features_and_head(eval_models, name):
-    model = eval_models[name]
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        logits = model.forward_head(feats)
-        pre = model.forward_head(feats, pre_logits=True)
-        full = model(x)
-    assert (feats.shape, logits.shape, pre.shape) == (
-        (2, model.num_features, 2, 3), (2, 7), (2, model.head_hidden_size))
-    # forward is features then head; pre-logits are the average-pooled features, the logits the classifier on them
-    torch.testing.assert_close(full, logits, rtol=0, atol=0)
-    torch.testing.assert_close(pre, feats.mean((2, 3)))
-    torch.testing.assert_close(logits, model.get_classifier()(pre))
-
-
-def test_features_only_matches_feature_info():
-    model = timm.create_model('biformer_tiny', features_only=True, out_indices=(1, 2, 3)).eval()
-    with torch.no_grad():
-        feats = model(torch.randn(1, 3, 96, 128))
-    expected = [(1, info['num_chs'], 96 // info['reduction'], 128 // info['reduction'])
-                for info in model.feature_info.get_dicts()]
-    assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [8, 16, 32]
-
-
-@pytest.mark.parametrize('name', MODELS)
 def test_feature_info_reductions_and_channels(eval_models, name):
     model = eval_models[name]
     with torch.no_grad():

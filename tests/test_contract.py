@@ -190,3 +190,28 @@ def test_fx_trace_matches_eager(family):
 def test_features_only_bad_input_raises_value_error(family):
     with pytest.raises(ValueError, match='at least 32'):
         build(family, features_only=True)(torch.randn(1, 3, 16, 64))
+
+
+def test_forward_is_features_then_head(family):
+    model = build(family, num_classes=7)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+        pre = model.forward_head(feats, pre_logits=True)
+        full = model(x)
+    assert (feats.shape, logits.shape, pre.shape) == (
+        (2, model.num_features, 2, 3), (2, 7), (2, model.head_hidden_size))
+    # forward is features then head; pre-logits are the average-pooled features, the logits the classifier on them
+    torch.testing.assert_close(full, logits, rtol=0, atol=0)
+    torch.testing.assert_close(pre, feats.mean((2, 3)))
+    torch.testing.assert_close(logits, model.get_classifier()(pre))
+
+
+def test_features_only_matches_feature_info(family):
+    model = build(family, features_only=True, out_indices=(1, 2, 3))
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 96, 128))
+    expected = [(1, info['num_chs'], 96 // info['reduction'], 128 // info['reduction'])
+                for info in model.feature_info.get_dicts()]
+    assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [8, 16, 32]

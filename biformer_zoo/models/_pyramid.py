@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from timm.models import get_arch_pretrained_cfgs
+from timm.models import checkpoint, get_arch_pretrained_cfgs
 from timm.models._features import feature_take_indices
 
 from ..weights import checkpoint_filter_of, prepare_pretrained
@@ -96,6 +96,19 @@ def _map_official_layout(
         return
     official = {k[len(prefix):]: state_dict.pop(k) for k in keys}
     state_dict.update((prefix + k, v) for k, v in checkpoint_filter_of(model)(official, model).items())
+
+
+class PyramidStage(nn.Module):
+    """A stage of either family: ``downsample``, then ``blocks`` (an ``nn.Sequential``) on (B, H, W, C) maps, each
+    through timm's ``checkpoint`` when ``grad_checkpointing`` is set."""
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks on ``x``, each through timm's ``checkpoint`` when gradient checkpointing is on."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+            return x
+        return self.blocks(x)
 
 
 class PyramidModel(nn.Module):

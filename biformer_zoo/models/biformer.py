@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
 from ..weights import register_checkpoint_filter, release_loaded_state_dict
-from ._pyramid import PyramidModel, check_head_args, prepare_create_kwargs, pretrained_tag
+from ._pyramid import PyramidModel, PyramidStage, check_head_args, prepare_create_kwargs, pretrained_tag
 
 __all__ = ['BiFormer']
 
@@ -75,7 +75,7 @@ class BiFormerBlock(nn.Module):
         return x
 
 
-class BiFormerStage(nn.Module):
+class BiFormerStage(PyramidStage):
     """Downsampling (or identity after the stem) followed by BiFormer blocks; (B, C, H, W) in and out."""
 
     def __init__(
@@ -111,12 +111,7 @@ class BiFormerStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # contiguous (B, H, W, C): on a permuted NCHW view every LayerNorm would copy and every residual add stride
         x = self.downsample(x).permute(0, 2, 3, 1).contiguous()
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x)
-        else:
-            x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
+        return self.forward_blocks(x).permute(0, 3, 1, 2)
 
 
 class BiFormer(PyramidModel):

@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from ..weights import register_checkpoint_filter, release_loaded_state_dict
-from ._pyramid import PyramidModel, check_head_args, prepare_create_kwargs
+from ._pyramid import PyramidModel, PyramidStage, check_head_args, prepare_create_kwargs
 
 __all__ = ['CrossFormer']
 
@@ -78,7 +78,7 @@ class CrossFormerBlock(nn.Module):
         return x
 
 
-class CrossFormerStage(nn.Module):
+class CrossFormerStage(PyramidStage):
     """Cross-scale merging (or identity after the stem), then blocks alternating SDA and LDA; NCHW in and out."""
 
     def __init__(
@@ -110,12 +110,7 @@ class CrossFormerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x.permute(0, 2, 3, 1))  # (B, H, W, C)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x)
-        else:
-            x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
+        return self.forward_blocks(x).permute(0, 3, 1, 2)
 
 
 class CrossFormer(PyramidModel):
