@@ -215,3 +215,12 @@ def test_features_only_matches_feature_info(family):
     expected = [(1, info['num_chs'], 96 // info['reduction'], 128 // info['reduction'])
                 for info in model.feature_info.get_dicts()]
     assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [8, 16, 32]
+
+
+@pytest.mark.parametrize('name', biformer_zoo.list_zoo_models())
+def test_param_count_equals_official(name):
+    """Every model at 1000 classes has the official model's parameter count, as weights_manifest.json records it."""
+    from biformer_zoo.report import PAPER_NUMBERS
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PAPER_NUMBERS[name].params_exact

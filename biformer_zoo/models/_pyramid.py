@@ -117,7 +117,12 @@ class PyramidModel(nn.Module):
     Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of stages, each with ``downsample`` and ``blocks``
     and a ``grad_checkpointing`` flag), ``norm``, ``head`` (a timm ``ClassifierHead``) and ``feature_info``, and set
     ``in_chans``, ``min_input_size``, ``num_classes``, ``global_pool``, ``num_features`` and ``head_hidden_size``.
-    The family's module defines ``checkpoint_filter_fn``; the class names the key prefixes of the official layout.
+    The family registers its ``checkpoint_filter_fn`` with ``weights.register_checkpoint_filter``; the class names the
+    key prefixes of the official layout.
+
+    Every family takes ``in_chans`` (input image channels), ``num_classes`` (classifier outputs; 0 for no
+    classifier) and ``global_pool`` ('avg', 'max', 'avgmax', 'catavgmax', or '' for no pooling, only with
+    ``num_classes=0``).
     """
 
     in_chans: int
@@ -129,6 +134,18 @@ class PyramidModel(nn.Module):
         # official checkpoints then load wherever a state dict does: timm's checkpoint_path=, load_state_dict,
         # and a larger model holding this one under a prefix
         self.register_load_state_dict_pre_hook(_map_official_layout)
+
+    def set_head_settings(self, in_chans: int, num_classes: int, global_pool: str, drop_rate: float,
+                          num_features: int, min_input_size: int) -> None:
+        """Check the head arguments and set the attributes timm and the shared methods read."""
+        check_head_args(num_classes, global_pool)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.min_input_size = min_input_size
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = num_features
+        self.grad_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
 from ..weights import register_checkpoint_filter, release_loaded_state_dict
-from ._pyramid import PyramidModel, PyramidStage, check_head_args, prepare_create_kwargs, pretrained_tag
+from ._pyramid import PyramidModel, PyramidStage, prepare_create_kwargs, pretrained_tag
 
 __all__ = ['BiFormer']
 
@@ -117,10 +117,7 @@ class BiFormerStage(PyramidStage):
 class BiFormer(PyramidModel):
     """BiFormer backbone and classifier.
 
-    Args:
-        in_chans: Input image channels.
-        num_classes: Classifier outputs; 0 for no classifier.
-        global_pool: 'avg', 'max', 'avgmax', 'catavgmax', or '' (no pooling; only with num_classes=0).
+    Args (``in_chans``, ``num_classes`` and ``global_pool`` as in ``PyramidModel``):
         depths: Blocks per stage.
         embed_dims: Channels per stage.
         mlp_ratios: MLP expansion per stage.
@@ -172,14 +169,7 @@ class BiFormer(PyramidModel):
                     f'n_win**2 = {n_win ** 2} (or None for global attention); lower topks or raise n_win')
         if stem_type not in ('overlap', 'patch'):
             raise ValueError(f"stem_type must be 'overlap' or 'patch', got {stem_type!r}")
-        check_head_args(num_classes, global_pool)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.min_input_size = _MIN_INPUT_SIZE
-        self.drop_rate = drop_rate
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
+        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, embed_dims[-1], _MIN_INPUT_SIZE)
 
         if stem_type == 'overlap':
             self.stem = nn.Sequential(
@@ -316,28 +306,28 @@ default_cfgs = generate_default_cfgs({name_tag: _cfg(name_tag, *source) for name
 
 @register_model
 def biformer_tiny(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    """BiFormer-T: 13.1M params, 2.2 GFLOPs at 224."""
+    """BiFormer-T; official numbers: ``biformer-zoo report``."""
     model_args = dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512), mlp_ratios=(3, 3, 3, 3))
     return _create_biformer('biformer_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def biformer_small(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    """BiFormer-S: 25.5M params, 4.5 GFLOPs at 224."""
+    """BiFormer-S; official numbers: ``biformer-zoo report``."""
     model_args = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), mlp_ratios=(3, 3, 3, 3))
     return _create_biformer('biformer_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def biformer_base(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    """BiFormer-B: 56.8M params, 9.8 GFLOPs at 224."""
+    """BiFormer-B; official numbers: ``biformer-zoo report``."""
     model_args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768), mlp_ratios=(3, 3, 3, 3))
     return _create_biformer('biformer_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def biformer_stl(pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    """BiFormer-STL (Swin-T layout with BRA): 28.4M params, 4.6 GFLOPs at 224."""
+    """BiFormer-STL, Swin-T's layout with BRA; official numbers: ``biformer-zoo report``."""
     model_args = dict(
         depths=(2, 2, 6, 2), embed_dims=(96, 192, 384, 768), mlp_ratios=(4, 4, 4, 4),
         stem_type='patch', pos_embed_kernel=0)

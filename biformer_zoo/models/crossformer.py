@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from ..weights import register_checkpoint_filter, release_loaded_state_dict
-from ._pyramid import PyramidModel, PyramidStage, check_head_args, prepare_create_kwargs
+from ._pyramid import PyramidModel, PyramidStage, prepare_create_kwargs
 
 __all__ = ['CrossFormer']
 
@@ -116,10 +116,7 @@ class CrossFormerStage(PyramidStage):
 class CrossFormer(PyramidModel):
     """CrossFormer / CrossFormer++ backbone and classifier.
 
-    Args:
-        in_chans: Input image channels.
-        num_classes: Classifier outputs; 0 for no classifier.
-        global_pool: 'avg', 'max', 'avgmax', 'catavgmax', or '' (no pooling; only with num_classes=0).
+    Args (``in_chans``, ``num_classes`` and ``global_pool`` as in ``PyramidModel``):
         embed_dim: Channels of the first stage; stage i has ``embed_dim * 2**i``.
         depths: Blocks per stage; even blocks use SDA, odd blocks LDA.
         num_heads: Attention heads per stage.
@@ -171,14 +168,7 @@ class CrossFormer(PyramidModel):
                 f'depths, num_heads, group_size and interval need one entry per stage, got {len(depths)}, '
                 f'{len(num_heads)}, {len(group_sizes)} and {len(intervals)}')
         embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
-        check_head_args(num_classes, global_pool)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.min_input_size = _MIN_INPUT_SIZE
-        self.drop_rate = drop_rate
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.grad_checkpointing = False
+        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, embed_dims[-1], _MIN_INPUT_SIZE)
 
         self.stem = CrossScaleEmbed(in_chans, embed_dim, patch_kernel_sizes, stride=4, channels_last=False)
 
@@ -299,55 +289,55 @@ _CROSSFORMERPP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), group_rul
 
 @register_model
 def crossformer_tiny(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer-T: 27.8M params, 2.9 GFLOPs at 224."""
+    """CrossFormer-T; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), **_CROSSFORMER)
     return _create_crossformer('crossformer_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformer_small(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer-S: 30.7M params, 4.9 GFLOPs at 224."""
+    """CrossFormer-S; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), **_CROSSFORMER)
     return _create_crossformer('crossformer_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformer_base(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer-B: 52.0M params, 9.2 GFLOPs at 224."""
+    """CrossFormer-B; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_CROSSFORMER)
     return _create_crossformer('crossformer_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformer_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer-L: 92.0M params, 16.1 GFLOPs at 224."""
+    """CrossFormer-L; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_CROSSFORMER)
     return _create_crossformer('crossformer_large', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformerpp_small(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer++-S: 23.3M params, 4.5 GFLOPs at 224 (fvcore; the README says 4.9)."""
+    """CrossFormer++-S; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), **_CROSSFORMERPP)
     return _create_crossformer('crossformerpp_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformerpp_base(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer++-B: 52.0M params, 9.6 GFLOPs at 224."""
+    """CrossFormer++-B; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_CROSSFORMERPP)
     return _create_crossformer('crossformerpp_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformerpp_large(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer++-L: 92.0M params, 16.8 GFLOPs at 224."""
+    """CrossFormer++-L; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_CROSSFORMERPP)
     return _create_crossformer('crossformerpp_large', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def crossformerpp_huge(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    """CrossFormer++-H: 96.0M params, 22.1 GFLOPs at 224."""
+    """CrossFormer++-H; official numbers: ``biformer-zoo report``."""
     model_args = dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), **_CROSSFORMERPP)
     return _create_crossformer('crossformerpp_huge', pretrained=pretrained, **dict(model_args, **kwargs))
