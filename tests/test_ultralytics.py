@@ -194,7 +194,7 @@ def test_every_scale_builds_with_c2f_widths_and_depths(yolo, name):
                 assert ours.norm.normalized_shape[0] == ref.conv.in_channels
                 assert sum(r.out_channels for r in ours.reductions) == ref.conv.out_channels
             elif kind == 'BRA':
-                assert ours.dim == yolo.integration._conv2ds(ref_layers[ours.i - 1])[-1].out_channels  # SPPF's
+                assert ours.dim == yolo.integration.conv2ds(ref_layers[ours.i - 1])[-1].out_channels  # SPPF's
         assert len(layers) == len(ref_layers)
 
 
