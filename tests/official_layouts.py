@@ -10,6 +10,15 @@ from typing import Dict, Tuple
 import torch
 
 KEYS_DIR = Path(__file__).parent / 'data' / 'keys'
+TINY = 'biformer_tiny'
+# (model, tag, official layout): the official checkpoint layouts besides BiFormer T/S/B (tested with TINY):
+# both STL layouts, CrossFormer's old `crossformer` branch (the released v1 files) and its main branch (++)
+OFFICIAL_LAYOUTS = [
+    ('biformer_stl', 'in1k', 'biformer_stl'),
+    ('biformer_stl', 'in1k_nchw', 'biformer_stl_nchw'),
+    ('crossformer_small', 'in1k', 'crossformer_small_oldbranch'),
+    ('crossformerpp_small', 'in1k', 'crossformerpp_small'),
+]
 
 
 def official_layout(name: str) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
@@ -45,3 +54,17 @@ def save_official_checkpoint(name: str, path: Path, seed: int = 0) -> Dict[str, 
     state_dict = synth_official_state_dict(name, seed)
     torch.save({'model': state_dict, 'epoch': 299}, path)
     return state_dict
+
+
+def leave_marker(path: str) -> None:
+    Path(path).write_text('code from the checkpoint ran')
+
+
+class RunsCodeWhenUnpickled:
+    """An object whose unpickling writes ``marker``: a checkpoint holding it proves whether a loader ran its code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return leave_marker, (str(self.marker),)

@@ -1,0 +1,163 @@
+"""``biformer-zoo convert``: official checkpoints to safetensors weights, config.json, model card and manifest entry."""
+import functools
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from biformer_zoo import hub, weights
+from official_layouts import (
+    OFFICIAL_LAYOUTS, TINY, RunsCodeWhenUnpickled, save_official_checkpoint, synth_official_state_dict)
+
+TINY_REPO = 'biformer-zoo/biformer_tiny.in1k'
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _missing(message: str, *parts: str) -> list:
+    """The parts a user-facing message should name but does not."""
+    return [p for p in parts if p not in message]
+
+
+def test_convert_prints_the_sha256_of_the_written_weights(tiny_converted):
+    out, printed = tiny_converted
+    assert re.search(r'sha256 ([0-9a-f]{64})', printed).group(1) == _sha256(out / hub.WEIGHTS_FILE)
+
+
+def test_convert_writes_timm_config(tiny_converted):
+    config = json.loads((tiny_converted[0] / 'config.json').read_text())
+    assert (config['architecture'], config['pretrained_cfg']['tag'], config['num_classes']) == (TINY, 'in1k', 1000)
+
+
+def test_model_card_has_provenance_license_citation_and_measured_numbers(tiny_converted, tiny_checkpoint):
+    card = (tiny_converted[0] / 'README.md').read_text()
+    with torch.device('meta'):
+        params = sum(p.numel() for p in timm.create_model(TINY).parameters())
+    entry = hub.find_manifest_entry(TINY, 'in1k')
+    assert _missing(card, _sha256(tiny_checkpoint), entry['sources'][0]['url'], 'license: mit',
+                    '@Article{zhu2023biformer', f'{params:,}',
+                    'GFLOPs at 224x224 (fvcore on the converted model, 1 multiply-add = 1 flop): 2.') == []
+
+
+def test_convert_is_reproducible_and_updates_the_manifest(tiny_converted, tiny_checkpoint, tmp_path):
+    manifest = tmp_path / 'weights_manifest.json'
+    manifest.write_bytes(hub.MANIFEST_PATH.read_bytes())
+    hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'again', update_manifest=True, manifest_path=manifest,
+                           measure_flops=False, progress=False)
+    entry = [e for e in json.loads(manifest.read_text())['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    weights = tiny_converted[0] / hub.WEIGHTS_FILE
+    assert {k: entry[k] for k in ('sha256', 'size', 'source_sha256', 'status')} == dict(
+        sha256=_sha256(weights), size=weights.stat().st_size, source_sha256=_sha256(tiny_checkpoint),
+        status='converted')
+
+
+@pytest.mark.parametrize('matches', [True, False])
+def test_convert_keeps_a_published_entry_published(tiny_converted, tiny_checkpoint, tmp_path, monkeypatch, matches):
+    """--update-manifest without --push: a published entry describes the file on the Hub. The same file keeps it
+    published; a different one is refused and the manifest is left as it is."""
+    manifest = json.loads(hub.MANIFEST_PATH.read_text())
+    entry = [e for e in manifest['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    published = _sha256(tiny_converted[0] / hub.WEIGHTS_FILE) if matches else '1' * 64
+    entry.update(sha256=published, size=1, status='published')
+    path = tmp_path / 'weights_manifest.json'
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setattr(weights.manifest, 'MANIFEST_PATH', path)
+    hub.load_manifest.cache_clear()
+    try:
+        convert = functools.partial(hub.convert_checkpoint, TINY, tiny_checkpoint, tmp_path / 'out',
+                                    update_manifest=True, manifest_path=path, measure_flops=False, progress=False)
+        if matches:
+            convert()
+        else:
+            with pytest.raises(ValueError, match=f'published with sha256 {published}.*left as it is'):
+                convert()
+        after = [e for e in json.loads(path.read_text())['weights'] if e['hf_hub_id'] == TINY_REPO][0]
+    finally:
+        hub.load_manifest.cache_clear()
+    assert (after['status'], after['sha256']) == ('published', published)
+
+
+def test_convert_accepts_a_tagged_name_and_checks_the_output_folder_first(tiny_checkpoint, tmp_path):
+    result = hub.convert_checkpoint(f'{TINY}.in1k', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
+                                    progress=False)
+    assert result.model == f'{TINY}.in1k'
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(ValueError, match='is a file'):
+        hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'a_file', measure_flops=False, progress=False)
+
+
+def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
+    """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
+    with torch.device('meta'):
+        model = timm.create_model(f'{name}.{tag}')
+    expected = hub.checkpoint_filter_of(model)(official, model)  # the family's filter, found the way convert does
+    converted = safetensors.torch.load_file(str(weights_file))
+    def keys(state: dict) -> set:
+        return {k for k in state if not k.endswith('num_batches_tracked')}  # BatchNorm's counter is not a weight
+    return sorted(keys(expected) ^ keys(converted)) + \
+        [k for k, v in expected.items() if k in converted and not torch.equal(converted[k], v)]
+
+
+def test_convert_biformer_layout_holds_the_official_tensors(tiny_converted):
+    official = synth_official_state_dict(TINY)  # what tiny_checkpoint holds
+    assert _differs_from_mapped_official(tiny_converted[0] / hub.WEIGHTS_FILE, official, TINY, 'in1k') == []
+
+
+@pytest.fixture(scope='module')
+def convert_layout(tmp_path_factory):
+    """``convert(name, tag, layout) -> (official state dict, ConversionResult)``, each conversion done once."""
+    done = {}
+
+    def convert(name: str, tag: str, layout: str):
+        if layout not in done:
+            folder = tmp_path_factory.mktemp(layout)
+            official = save_official_checkpoint(layout, folder / f'{layout}.pth')
+            done[layout] = official, hub.convert_checkpoint(
+                name, folder / f'{layout}.pth', folder / f'{name}.{tag}', tag=tag, measure_flops=False,
+                progress=False)
+        return done[layout]
+    return convert
+
+
+@pytest.mark.parametrize('name,tag,layout', OFFICIAL_LAYOUTS)
+def test_convert_official_layout_holds_the_official_tensors(name, tag, layout, convert_layout):
+    official, result = convert_layout(name, tag, layout)
+    assert _differs_from_mapped_official(result.weights_file, official, name, tag) == []
+
+
+def test_converted_folder_rebuilds_the_tags_model(convert_layout):
+    """config.json rebuilds the model of the tag, as `hf-hub:biformer-zoo/<model>.<tag>` names do; in1k_nchw is
+    the tag whose model differs from the architecture's default."""
+    name, tag, layout = OFFICIAL_LAYOUTS[1]
+    result = convert_layout(name, tag, layout)[1]
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    from_tag = timm.create_model(f'{name}.{tag}', pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(result.weights_file))).eval()
+    from_folder = timm.create_model(f'local-dir:{result.out_dir}', pretrained=True).eval()
+    with torch.no_grad():
+        same = torch.equal(from_folder(images), from_tag(images))
+    assert same, f"local-dir:{result.out_dir} builds another model than '{name}.{tag}' (its config.json misses a "\
+                 f"model argument the tag implies)"
+
+
+def test_convert_refuses_a_checkpoint_that_needs_code(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': synth_official_state_dict(TINY), 'hook': RunsCodeWhenUnpickled(tmp_path / 'ran')}, path)
+    with pytest.raises(ValueError, match=r'needs code to unpickle \(.*leave_marker.*weights_only=True'):
+        hub.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
+    assert not (tmp_path / 'ran').exists()
+
+
+def test_convert_names_the_model_a_checkpoint_belongs_to(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r'does not fit biformer_small\.in1k: .* It matches biformer_tiny\.in1k'):
+        hub.convert_checkpoint('biformer_small', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
+                               progress=False)
+
+
