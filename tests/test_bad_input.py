@@ -5,14 +5,20 @@ arguments), weights, and the command line (every CLI error is one line on stderr
 on the meta device, so a row costs no memory and no initialisation.
 """
 import functools
-from typing import Any, Callable, List, NamedTuple, Type
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Type
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 
 import biformer_zoo
 from biformer_zoo.layers import BiLevelRoutingAttention
+from biformer_zoo.weights import PretrainedWeightsError
+from official_layouts import RunsCodeWhenUnpickled
 
 MODELS = biformer_zoo.list_zoo_models()
 BIFORMERS = [name for name in MODELS if name.startswith('biformer')]
@@ -70,7 +76,10 @@ MODEL_INPUTS = per_model(MODELS, [
 MODEL_ARGS = per_model(BIFORMERS, [
     ('n_win=2', lambda n: meta_create(n, n_win=2), ValueError,
      r'topks=\(1, 4, 16, None\) do not fit n_win=2: .* n_win\*\*2 = 4 .* lower topks or raise n_win'),
-    ('n_win=0', lambda n: meta_create(n, n_win=0), ValueError, r'n_win must be >= 1, got 0'),
+    ('n_win=0', lambda n: meta_create(n, n_win=0), ValueError, r'n_win must be an int >= 1, got 0; the regions'),
+    ('n_win=2.5', lambda n: meta_create(n, n_win=2.5), ValueError, r'n_win must be an int >= 1, got 2\.5'),
+    ('head_dim=0', lambda n: meta_create(n, head_dim=0), ValueError, r'head_dim must be an int >= 1, got 0'),
+    ('topks=4', lambda n: meta_create(n, topks=4), ValueError, r'topks needs one entry per stage, e\.g\. topks=\('),
     ('topk=50', lambda n: meta_create(n, topks=(1, 4, 50, None)), ValueError, r'between 1 and n_win\*\*2 = 49'),
     ('topk=0', lambda n: meta_create(n, topks=(0, 4, 16, None)), ValueError, r'between 1 and n_win\*\*2'),
     ('3-topks', lambda n: meta_create(n, topks=(1, 4, 16)), ValueError, r'one entry per stage'),
@@ -82,6 +91,29 @@ MODEL_ARGS = per_model(BIFORMERS, [
     ('group_rule', lambda n: meta_create(n, group_rule='swin'), ValueError, r'group_rule must be one of'),
     ('3-heads', lambda n: meta_create(n, num_heads=(2, 4, 8)), ValueError, r'one entry per stage'),
     ('heads', lambda n: meta_create(n, num_heads=(5, 5, 5, 5)), ValueError, r'divisible by num_heads'),
+    ('num_heads=4', lambda n: meta_create(n, num_heads=4), ValueError, r'num_heads needs one entry per stage'),
+    ('embed_dim=0', lambda n: meta_create(n, embed_dim=0), ValueError, r'embed_dim must be an int >= 1, got 0'),
+    ('attn_drop_rate=1', lambda n: meta_create(n, attn_drop_rate=1.), ValueError,
+     r'attn_drop_rate must be a number in \[0, 1\)'),
+]) + per_model(['biformer_tiny', 'crossformer_tiny'], [  # the arguments both families take, checked in one place
+    ('drop_path_rate=1.5', lambda n: meta_create(n, drop_path_rate=1.5), ValueError,
+     r'drop_path_rate must be a number in \[0, 1\) .* got 1\.5'),
+    ('drop_rate=-0.1', lambda n: meta_create(n, drop_rate=-0.1), ValueError, r'drop_rate must be a number in \[0, 1\)'),
+    ('in_chans=0', lambda n: meta_create(n, in_chans=0), ValueError, r'in_chans must be an int >= 1, got 0; the number'),
+    ('in_chans=-3', lambda n: meta_create(n, in_chans=-3), ValueError, r'in_chans must be an int >= 1, got -3'),
+    ('in_chans=3.0', lambda n: meta_create(n, in_chans=3.), ValueError, r'in_chans must be an int >= 1, got 3\.0'),
+    ('num_classes=-1', lambda n: meta_create(n, num_classes=-1), ValueError, r'num_classes must be an int >= 0'),
+    ('img_size=0', lambda n: meta_create(n, img_size=0), ValueError, r'img_size must be an int or an \(H, W\) pair'),
+    ('img_size=-5', lambda n: meta_create(n, img_size=-5), ValueError, r'img_size must be .* got -5'),
+    ('img_size=3-tuple', lambda n: meta_create(n, img_size=(224, 224, 3)), ValueError, r'img_size must be'),
+    ('global_pool', lambda n: meta_create(n, global_pool='bogus'), ValueError,
+     r"global_pool must be one of 'avg', 'max', 'avgmax', 'catavgmax' or '' \(no pooling\), got 'bogus'"),
+    ('pool-less-classifier', lambda n: meta_create(n, global_pool=''), ValueError, r"use num_classes=0 with it"),
+    ('out_indices=()', lambda n: meta_create(n, features_only=True, out_indices=()), ValueError,
+     r'must name at least one stage'),
+    ('out_indices=(4,)', lambda n: meta_create(n, features_only=True, out_indices=(4,)), ValueError,
+     r'stage indices \[4\] do not exist: the model has 4 stages'),
+    ('output_stride=16', lambda n: meta_create(n, output_stride=16), ValueError, r'output_stride=16 is not supported'),
 ])
 
 MODEL_NAMES = [
@@ -115,7 +147,90 @@ LAYERS = [
 # ---------------------------------------------------------------------------------------------------------------
 # weights
 
-WEIGHTS: List[Case] = []
+REDUCED = dict(depths=(1, 1, 1, 1))  # every stage, one block each: a whole state dict in a small file
+
+
+@functools.lru_cache(maxsize=None)
+def reduced_state_dict(name: str) -> Dict[str, torch.Tensor]:
+    return timm.create_model(name, **REDUCED).state_dict()
+
+
+def with_file(file_name: str, write: Callable[[Path], None], use: Callable[[Path], Any]) -> Callable[[], Any]:
+    """A call that writes ``file_name`` with ``write`` in a fresh temporary folder, then runs ``use(path)``."""
+    def call():
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / file_name
+            write(path)
+            return use(path)
+    return call
+
+
+def safetensors_of(name: str, edit: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]):
+    return lambda path: safetensors.torch.save_file(edit(dict(reduced_state_dict(name))), str(path))
+
+
+def pretrained_from(name: str, **kwargs: Any) -> Callable[[Path], Any]:
+    return lambda path: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                          **REDUCED, **kwargs)
+
+
+def checkpoint_path_of(name: str) -> Callable[[Path], Any]:
+    return lambda path: biformer_zoo.create_model(name, checkpoint_path=str(path), **REDUCED)
+
+
+def without(prefix: str):
+    return lambda sd: {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+
+def save_pickle_with_code(path: Path, legacy: bool = True) -> None:
+    checkpoint = {'model': {'x': torch.zeros(1)}, 'hook': RunsCodeWhenUnpickled(path.with_suffix('.ran'))}
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
+
+
+PARTIAL = r"the pretrained weights .* do not fit the model's backbone; tensors missing"
+WEIGHTS = per_model(['biformer_tiny', 'crossformer_tiny'], [
+    # a file of one unrelated tensor "loaded" wherever timm dropped the classifier and loaded with strict=False
+    ('one-tensor-features', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: {'foo': torch.zeros(3)}),
+                                                pretrained_from(n, features_only=True)),
+     PretrainedWeightsError, PARTIAL + r' \d+ \(stem\..*\); unexpected 1 \(foo\)'),
+    ('one-tensor-classes', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: {'foo': torch.zeros(3)}),
+                                               pretrained_from(n, num_classes=5)),
+     PretrainedWeightsError, PARTIAL),
+    ('no-stage-3', lambda n: with_file('w.safetensors', safetensors_of(n, without('stages.3.')),
+                                       pretrained_from(n, num_classes=5)),
+     PretrainedWeightsError, PARTIAL + r' \d+ \(stages\.3\.'),
+    ('no-stage-3-in_chans', lambda n: with_file('w.safetensors', safetensors_of(n, without('stages.3.')),
+                                                pretrained_from(n, in_chans=1, num_classes=10)),
+     PretrainedWeightsError, PARTIAL + r' \d+ \(stages\.3\.'),
+    ('int8-tensor', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: dict(
+        sd, **{k: sd[k].to(torch.int8) for k in list(sd)[:1]})), pretrained_from(n, num_classes=3)),
+     PretrainedWeightsError, r'tensors of another shape or kind 1 \(stem\.\S+ is torch\.int8, the model holds torch\.float32'),
+    ('other-depth', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: sd),
+                                        lambda path: timm.create_model(n, pretrained=True, depths=(1, 1, 2, 1),
+                                                                       pretrained_cfg_overlay=dict(file=str(path)))),
+     PretrainedWeightsError, PARTIAL + r' \d+ \(stages\.2\.blocks\.1\.'),
+    ('extra-tensor', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: dict(sd, extra=torch.ones(1))),
+                                         pretrained_from(n, features_only=True)),
+     PretrainedWeightsError, r"do not fit the model's backbone; tensors unexpected 1 \(extra\)"),
+]) + [
+    Case('legacy-pickle-with-code', with_file('w.pth', save_pickle_with_code, pretrained_from('biformer_tiny')),
+         PretrainedWeightsError, r'needs code to unpickle \(official_layouts\.leave_marker\); .* refuses this file'),
+    Case('plain-pickle', with_file('w.pth', lambda path: path.write_bytes(pickle.dumps({'a': [1, 2]}, protocol=4)),
+                                   pretrained_from('biformer_tiny')),
+         PretrainedWeightsError, r'a pickle that torch\.load\(weights_only=True\) cannot read'),
+    Case('checkpoint_path-missing', lambda: biformer_zoo.create_model('biformer_tiny', checkpoint_path='/nonexistent/w.pth'),
+         ValueError, r'checkpoint /nonexistent/w\.pth does not exist; pass the path of a checkpoint file'),
+    Case('checkpoint_path-empty', with_file('w.pth', lambda path: path.write_bytes(b''), checkpoint_path_of('biformer_tiny')),
+         ValueError, r'is empty \(0 bytes\): an interrupted download'),
+    Case('checkpoint_path-text', with_file('w.pth', lambda path: path.write_text('<!DOCTYPE html>'),
+                                           checkpoint_path_of('biformer_tiny')),
+         ValueError, r"is not a checkpoint: it begins with b'<!DOCTYP' \(text\)"),
+    Case('checkpoint_path-folder', with_file('w.pth', lambda path: path.mkdir(), checkpoint_path_of('biformer_tiny')),
+         ValueError, r'w\.pth is a directory'),
+    Case('broken-zip', with_file('w.pth', lambda path: path.write_bytes(b'PK\x03\x04' + bytes(100)),
+                                 pretrained_from('biformer_tiny')),
+         PretrainedWeightsError, r'is not a readable checkpoint .* download it again'),
+]
 
 CASES = MODEL_INPUTS + MODEL_ARGS + MODEL_NAMES + LAYERS + WEIGHTS
 

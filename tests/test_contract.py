@@ -217,6 +217,24 @@ def test_features_only_matches_feature_info(family):
     assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [8, 16, 32]
 
 
+@pytest.mark.parametrize('feature_cls', ['getter', 'list', 'dict', 'hook', 'fx'])
+def test_every_feature_cls_gives_the_intermediates(family, feature_cls):
+    """timm's five feature wrappers return the same maps as ``forward_intermediates`` ('list' and 'dict' walk the
+    model's flattened top-level modules, 'hook' hooks them, 'fx' traces the model)."""
+    torch.manual_seed(0)
+    model = build(family)
+    torch.manual_seed(0)
+    features = build(family, features_only=True, feature_cls=feature_cls, out_indices=(1, 3))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
+        out = features(x)
+    out = list(out.values()) if isinstance(out, dict) else out
+    assert len(out) == 2 and features.feature_info.channels() == [f.shape[1] for f in expected]
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize('name', biformer_zoo.list_zoo_models())
 def test_param_count_equals_official(name):
     """Every model at 1000 classes has the official model's parameter count, as weights_manifest.json records it."""

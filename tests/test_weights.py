@@ -73,8 +73,8 @@ def test_list_pretrained_shows_every_tag_with_status(capsys):
         (f"{e['architecture']}.{e['tag']}", e['status']) for e in hub.manifest_entries()]
 
 @pytest.mark.parametrize('name,data,match', [
-    ('random.pth', bytes(range(256)) * 20, 'not a readable checkpoint'),
-    ('text.pth', b'hello', 'not a readable checkpoint'),
+    ('random.pth', bytes(range(256)) * 20, r"is not a checkpoint: it begins with b'\\x00"),
+    ('text.pth', b'hello', r"is not a checkpoint: it begins with b'hello' \(text\)"),
     ('cut.safetensors', None, 'not a readable checkpoint .*truncated'),
     ('folder.pth', 'dir', 'is a directory'),
     ('missing.pth', 'none', 'does not exist'),

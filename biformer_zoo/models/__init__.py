@@ -6,6 +6,7 @@ import timm
 from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 
+from ..weights import check_checkpoint_file
 from ._pyramid import UnknownModelError, check_pretrained_tag
 from . import biformer  # noqa: F401
 from . import crossformer  # noqa: F401
@@ -26,7 +27,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
     timm answers an unknown name with ``RuntimeError('Unknown model (...)')``; this raises ``UnknownModelError``
     (a ``ValueError``, and a ``RuntimeError`` like timm's) with the nearest registered names and the fix.
-    ``hf-hub:``/``local-dir:`` names go to timm unchanged.
+    ``hf-hub:``/``local-dir:`` names go to timm unchanged. A ``checkpoint_path`` that is missing, empty or not a
+    checkpoint raises a ``ValueError`` saying so before timm reads it.
     """
     source, name = parse_model_name(model_name)
     if source is None:
@@ -39,4 +41,6 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
                 f'`timm.list_models()` all of them')
         if tag:
             check_pretrained_tag(architecture, tag)
+    if kwargs.get('checkpoint_path'):  # timm's loader would raise a bare FileNotFoundError, EOFError or KeyError
+        check_checkpoint_file(kwargs['checkpoint_path'])
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)

@@ -1,14 +1,20 @@
-"""The timm model contract shared by both families: a stem, four stages, a final norm and a classifier head."""
-from typing import Any, Dict, List, Optional, Tuple, Union
+"""The timm model contract shared by both families: a stem, four stages, a final norm and a classifier head;
+the checks of the arguments both take, their ``_create_*`` plumbing and the pretrained cfg keys they share."""
+import numbers
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import checkpoint, get_arch_pretrained_cfgs
+from timm.models import build_model_with_cfg, checkpoint, get_arch_pretrained_cfgs
 from timm.models._features import feature_take_indices
 
-from ..weights import checkpoint_filter_of, prepare_pretrained
 from ..layers import check_image_input
+from ..weights import check_pretrained_state_dict, checkpoint_filter_of, prepare_pretrained, release_loaded_state_dict
+
+MIN_INPUT_SIZE = 32  # both families: the stride-32 stages need at least one pixel of the last map
+POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax')
 
 
 class UnknownModelError(ValueError, RuntimeError):
@@ -27,19 +33,73 @@ def check_pretrained_tag(architecture: str, tag: Any) -> None:
             f'Use one of them (e.g. {architecture}.{tags[0] if tags else "<tag>"}) or leave the tag out')
 
 
+def check_int(name: str, value: Any, least: int = 1, fix: str = '') -> None:
+    """Raise a ``ValueError`` unless ``value`` is an int (not a bool) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f'{name} must be an int >= {least}, got {value!r}{"; " + fix if fix else ""}')
+
+
+def check_rate(name: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f'{name} must be a number in [0, 1) (a probability per sample), got {value!r}; '
+                         f'stochastic depth and dropout rates used in training are 0.0-0.5')
+
+
+def check_per_stage(name: str, value: Any, example: str) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a sequence (one entry per stage), not a scalar."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, '__len__'):
+        raise ValueError(f'{name} needs one entry per stage, e.g. {name}={example}; got {value!r}')
+
+
 def check_head_args(num_classes: int, global_pool: str) -> None:
     """A classifier needs pooled features: ``global_pool=''`` keeps the map, so only ``num_classes=0`` fits it."""
+    check_int('num_classes', num_classes, least=0, fix='use 0 for no classifier')
+    if global_pool not in POOL_TYPES + ('',):
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOL_TYPES))} or '' (no pooling), got "
+                         f"{global_pool!r}")
     if num_classes > 0 and not global_pool:
         raise ValueError("global_pool='' keeps the (B, C, H, W) map, which a classifier cannot take; use "
                          "num_classes=0 with it, or a pooling type ('avg', 'max', 'avgmax', 'catavgmax')")
 
 
-def prepare_create_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """What each family's ``_create_*`` does before ``build_model_with_cfg``: check the pretrained tag, resolve and
-    check the weights (``weights.prepare_pretrained``), refuse an ``output_stride`` other than 32, and turn ``img_size``
-    into the pretrained cfg's ``input_size``."""
+def create_pyramid_model(model_cls: Type['PyramidModel'], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """Each family's ``_create_*``: check the pretrained tag, resolve and check the weights
+    (``weights.prepare_pretrained``), refuse an ``output_stride`` other than 32 and out-of-range ``out_indices``, turn
+    ``img_size`` into the pretrained cfg's ``input_size``, then ``build_model_with_cfg``, loading pretrained weights
+    through the family's checkpoint filter and refusing a file that would load only in part."""
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    return apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
+    if kwargs.get('features_only') and kwargs.get('out_indices') is not None:
+        take_indices_of(len(kwargs.get('depths', (0,) * 4)), kwargs['out_indices'])
+    kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
+    model = build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=_checked_pretrained_filter,
+        # flatten_sequential: timm's 'list'/'dict' wrappers then find the stages by their feature_info names
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter', flatten_sequential=True),
+        **kwargs)
+    return release_loaded_state_dict(model)
+
+
+def _checked_pretrained_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn``: map an official layout with the family's filter, then check that the weights
+    cover the whole backbone (``weights.check_pretrained_state_dict``)."""
+    state_dict = checkpoint_filter_of(model)(state_dict, model)
+    check_pretrained_state_dict(state_dict, model)
+    return state_dict
+
+
+def pyramid_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """The pretrained cfg keys both families share (224 px ImageNet-1k classifiers that take any size), then the
+    family's own (``first_conv``, paper, origin, notes, ...)."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE), 'fixed_input_size': False,
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'classifier': 'head.fc', 'license': 'mit',
+        **kwargs,
+    }
 
 
 def apply_img_size(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -48,7 +108,11 @@ def apply_img_size(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     img_size = kwargs.pop('img_size', None)
     if img_size is None:
         return kwargs
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = (img_size, img_size) if isinstance(img_size, numbers.Integral) else tuple(img_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < MIN_INPUT_SIZE
+                             for s in size):
+        raise ValueError(f'img_size must be an int or an (H, W) pair of ints >= {MIN_INPUT_SIZE}, got {img_size!r}; '
+                         f'the models take any size of at least {MIN_INPUT_SIZE} pixels')
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     overlay['input_size'] = (kwargs.get('in_chans', 3),) + size
     return dict(kwargs, pretrained_cfg_overlay=overlay)
@@ -67,7 +131,10 @@ def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -
         if not 0 < indices <= num_stages:
             raise ValueError(f'an int takes the last n stages: n must be between 1 and {num_stages}, got {indices}')
     elif indices is not None:
-        bad = [i for i in indices if not -num_stages <= i < num_stages]
+        if not hasattr(indices, '__len__') or not len(indices):
+            raise ValueError(f'out_indices/indices must name at least one stage (0 to {num_stages - 1}, e.g. '
+                             f'(1, 2, 3)), or be an int n for the last n stages; got {indices!r}')
+        bad = [i for i in indices if not isinstance(i, int) or not -num_stages <= i < num_stages]
         if bad:
             raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
                              f'{num_stages - 1}, or negative from the end)')
@@ -115,14 +182,14 @@ class PyramidModel(nn.Module):
     """Base of the BiFormer and CrossFormer models.
 
     Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of stages, each with ``downsample`` and ``blocks``
-    and a ``grad_checkpointing`` flag), ``norm``, ``head`` (a timm ``ClassifierHead``) and ``feature_info``, and set
-    ``in_chans``, ``min_input_size``, ``num_classes``, ``global_pool``, ``num_features`` and ``head_hidden_size``.
+    and a ``grad_checkpointing`` flag), ``norm``, ``head`` (a timm ``ClassifierHead``) and ``feature_info``, and call
+    ``set_head_settings`` (which checks the shared arguments and sets ``in_chans``, ``num_classes``, ... for timm).
     The family registers its ``checkpoint_filter_fn`` with ``weights.register_checkpoint_filter``; the class names the
     key prefixes of the official layout.
 
     Every family takes ``in_chans`` (input image channels), ``num_classes`` (classifier outputs; 0 for no
-    classifier) and ``global_pool`` ('avg', 'max', 'avgmax', 'catavgmax', or '' for no pooling, only with
-    ``num_classes=0``).
+    classifier), ``global_pool`` ('avg', 'max', 'avgmax', 'catavgmax', or '' for no pooling, only with
+    ``num_classes=0``), ``drop_rate`` and ``drop_path_rate`` (both in [0, 1)).
     """
 
     in_chans: int
@@ -136,13 +203,16 @@ class PyramidModel(nn.Module):
         self.register_load_state_dict_pre_hook(_map_official_layout)
 
     def set_head_settings(self, in_chans: int, num_classes: int, global_pool: str, drop_rate: float,
-                          num_features: int, min_input_size: int) -> None:
-        """Check the head arguments and set the attributes timm and the shared methods read."""
+                          drop_path_rate: float, num_features: int) -> None:
+        """Check the arguments both families take and set the attributes timm and the shared methods read."""
+        check_int('in_chans', in_chans, fix='the number of image channels, e.g. 3 (RGB) or 1 (grayscale)')
         check_head_args(num_classes, global_pool)
+        check_rate('drop_rate', drop_rate)
+        check_rate('drop_path_rate', drop_path_rate)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
-        self.min_input_size = min_input_size
+        self.min_input_size = MIN_INPUT_SIZE
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = num_features
         self.grad_checkpointing = False

@@ -19,17 +19,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
-from ..weights import register_checkpoint_filter, release_loaded_state_dict
-from ._pyramid import PyramidModel, PyramidStage, prepare_create_kwargs, pretrained_tag
+from ..weights import register_checkpoint_filter
+from ._pyramid import (
+    PyramidModel, PyramidStage, check_int, check_per_stage, create_pyramid_model, pretrained_tag, pyramid_cfg)
 
 __all__ = ['BiFormer']
-
-_MIN_INPUT_SIZE = 32
 
 
 class BiFormerBlock(nn.Module):
@@ -155,13 +153,17 @@ class BiFormer(PyramidModel):
             drop_path_rate: float = 0.,
     ):
         super().__init__()
+        check_per_stage('depths', depths, '(4, 4, 18, 4)')
+        check_per_stage('embed_dims', embed_dims, '(64, 128, 256, 512)')
+        check_per_stage('mlp_ratios', mlp_ratios, '(3, 3, 3, 3)')
+        check_per_stage('topks', topks, '(1, 4, 16, None)')
+        check_int('n_win', n_win, fix='the regions per side of the routed attention (7 at 224 px)')
+        check_int('head_dim', head_dim, fix='the channels per head (32 in every official model)')
         num_stages = len(depths)
         if not (len(embed_dims) == len(mlp_ratios) == len(topks) == num_stages):
             raise ValueError(
                 f'depths, embed_dims, mlp_ratios and topks need one entry per stage, got {len(depths)}, '
                 f'{len(embed_dims)}, {len(mlp_ratios)} and {len(topks)}')
-        if n_win < 1:
-            raise ValueError(f'n_win must be >= 1, got {n_win}')
         for topk in topks:
             if topk is not None and not 1 <= topk <= n_win ** 2:
                 raise ValueError(
@@ -169,7 +171,7 @@ class BiFormer(PyramidModel):
                     f'n_win**2 = {n_win ** 2} (or None for global attention); lower topks or raise n_win')
         if stem_type not in ('overlap', 'patch'):
             raise ValueError(f"stem_type must be 'overlap' or 'patch', got {stem_type!r}")
-        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, embed_dims[-1], _MIN_INPUT_SIZE)
+        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
 
         if stem_type == 'overlap':
             self.stem = nn.Sequential(
@@ -264,31 +266,18 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
-    kwargs = prepare_create_kwargs(variant, pretrained, kwargs)
     if pretrained_tag(kwargs.get('pretrained_cfg')) == 'in1k_nchw':
         kwargs.setdefault('global_lepe_on_value', True)
-    model = build_model_with_cfg(
-        BiFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs)
-    return release_loaded_state_dict(model)
+    return create_pyramid_model(BiFormer, variant, pretrained, **kwargs)
 
 
 def _cfg(name_tag: str, official_file: str, official_url: str, **kwargs: Any) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'min_input_size': (3, _MIN_INPUT_SIZE, _MIN_INPUT_SIZE), 'fixed_input_size': False,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.0', 'classifier': 'head.fc',
-        'hf_hub_id': f'biformer-zoo/{name_tag}',
-        'license': 'mit', 'paper_ids': 'arXiv:2303.08810',
-        'paper_name': 'BiFormer: Vision Transformer with Bi-Level Routing Attention',
-        'origin_url': 'https://github.com/rayleizhu/BiFormer',
-        'notes': (f'converted from the official release {official_file}, {official_url}',),
-        **kwargs,
-    }
+    return pyramid_cfg(
+        first_conv='stem.0', hf_hub_id=f'biformer-zoo/{name_tag}',
+        paper_ids='arXiv:2303.08810', paper_name='BiFormer: Vision Transformer with Bi-Level Routing Attention',
+        origin_url='https://github.com/rayleizhu/BiFormer',
+        notes=(f'converted from the official release {official_file}, {official_url}',),
+        **kwargs)
 
 
 def _onedrive(share_id: str) -> str:

@@ -21,17 +21,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, to_ntuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, to_ntuple
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from ..weights import register_checkpoint_filter, release_loaded_state_dict
-from ._pyramid import PyramidModel, PyramidStage, prepare_create_kwargs
+from ..weights import register_checkpoint_filter
+from ._pyramid import (
+    PyramidModel, PyramidStage, check_int, check_per_stage, check_rate, create_pyramid_model, pyramid_cfg)
 
 __all__ = ['CrossFormer']
-
-_MIN_INPUT_SIZE = 32
 
 
 class CrossFormerBlock(nn.Module):
@@ -160,6 +158,11 @@ class CrossFormer(PyramidModel):
             drop_path_rate: float = 0.,
     ):
         super().__init__()
+        check_per_stage('depths', depths, '(2, 2, 6, 2)')
+        check_per_stage('num_heads', num_heads, '(3, 6, 12, 24)')
+        check_int('embed_dim', embed_dim, fix='the channels of the first stage (64-128 in the official models)')
+        check_rate('proj_drop_rate', proj_drop_rate)
+        check_rate('attn_drop_rate', attn_drop_rate)
         num_stages = len(depths)
         group_sizes = to_ntuple(num_stages)(group_size)
         intervals = to_ntuple(num_stages)(interval)
@@ -168,11 +171,11 @@ class CrossFormer(PyramidModel):
                 f'depths, num_heads, group_size and interval need one entry per stage, got {len(depths)}, '
                 f'{len(num_heads)}, {len(group_sizes)} and {len(intervals)}')
         embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
-        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, embed_dims[-1], _MIN_INPUT_SIZE)
+        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
 
         self.stem = CrossScaleEmbed(in_chans, embed_dim, patch_kernel_sizes, stride=4, channels_last=False)
 
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, split by stage
         self.feature_info = []
         stages = []
         for i in range(num_stages):
@@ -234,31 +237,18 @@ register_checkpoint_filter(CrossFormer, checkpoint_filter_fn)
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    kwargs = prepare_create_kwargs(variant, pretrained, kwargs)
-    model = build_model_with_cfg(
-        CrossFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
-        **kwargs)
-    return release_loaded_state_dict(model)
+    return create_pyramid_model(CrossFormer, variant, pretrained, **kwargs)
 
 
 def _cfg(official_file: str = '', official_url: str = '', plus: bool = False, **kwargs: Any) -> Dict[str, Any]:
     paper = ('arXiv:2303.06908', 'CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention') \
         if plus else ('arXiv:2108.00154', 'CrossFormer: A Versatile Vision Transformer Based on Cross-scale Attention')
     branch = 'main' if plus else 'crossformer'
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'min_input_size': (3, _MIN_INPUT_SIZE, _MIN_INPUT_SIZE), 'fixed_input_size': False,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': ('stem.projs.0', 'stem.projs.1', 'stem.projs.2', 'stem.projs.3'),
-        'classifier': 'head.fc',
-        'license': 'mit', 'paper_ids': paper[0], 'paper_name': paper[1],
-        'origin_url': 'https://github.com/cheerss/CrossFormer',
-        'notes': (f'converted from the official release {official_file} ({branch} branch), {official_url}',),
-        **kwargs,
-    }
+    return pyramid_cfg(
+        first_conv=('stem.projs.0', 'stem.projs.1', 'stem.projs.2', 'stem.projs.3'),
+        paper_ids=paper[0], paper_name=paper[1], origin_url='https://github.com/cheerss/CrossFormer',
+        notes=(f'converted from the official release {official_file} ({branch} branch), {official_url}',),
+        **kwargs)
 
 
 def _gdrive(file_id: str) -> str:

@@ -3,6 +3,7 @@ checkpoint filters each model family registers to map official key layouts onto 
 import argparse
 import pathlib
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -13,8 +14,8 @@ from .files import read_safetensors_header
 from .manifest import PathLike
 
 __all__ = [
-    'CheckpointFilter', 'load_official_checkpoint', 'register_checkpoint_filter', 'checkpoint_filter_of',
-    'layout_mismatch', 'guess_architecture']
+    'CheckpointFilter', 'check_checkpoint_file', 'load_official_checkpoint', 'register_checkpoint_filter',
+    'checkpoint_filter_of', 'layout_mismatch', 'guess_architecture']
 
 # Classes allowed inside official training checkpoints besides tensors: attribute bags that run no code when unpickled.
 _SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath]
@@ -46,6 +47,28 @@ def _state_dict_of(checkpoint: Any, path: PathLike, prefer_ema: bool = False) ->
     return dict(checkpoint)
 
 
+def check_checkpoint_file(path: PathLike) -> None:
+    """Raise a ``ValueError`` naming the problem when ``path`` is not a file that could hold a checkpoint: missing, a
+    folder, empty, or not in any checkpoint format (``torch.save`` zip, legacy pickle, safetensors) by its first
+    bytes. Reads 8 bytes; whether the file is whole is checked when it is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        problem = 'is a directory' if path.is_dir() else 'does not exist'
+        raise ValueError(f'checkpoint {path} {problem}; pass the path of a checkpoint file (an official .pth, or a '
+                         f'converted .safetensors)')
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if not head:
+        raise ValueError(f'checkpoint {path} is empty (0 bytes): an interrupted download or copy; get it again')
+    is_zip, is_pickle = head.startswith(b'PK\x03\x04'), head[:1] == b'\x80'  # torch.save's zip; a pickle protocol
+    if not (is_zip or is_pickle or path.suffix == '.safetensors'):  # safetensors: checked whole when loaded
+        printable = head.decode('ascii', 'replace').isprintable()
+        raise ValueError(
+            f'{path} is not a checkpoint: it begins with {head!r}{" (text)" if printable else ""}, not a torch.save '
+            f'zip archive, a pickle or a .safetensors file. Check the path; a download page saved instead of the '
+            f'file looks like this')
+
+
 def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The state dict of an official ``.pth`` checkpoint, loaded with ``torch.load(weights_only=True)``.
 
@@ -54,9 +77,7 @@ def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[s
     ``ValueError`` saying so. ``.safetensors`` files are read as they are.
     """
     path = Path(path)
-    if not path.is_file():
-        problem = 'is a directory' if path.is_dir() else 'does not exist'
-        raise ValueError(f'checkpoint {path} {problem}; pass the path of the downloaded official .pth file')
+    check_checkpoint_file(path)
     damaged = (f'{path} is not a readable checkpoint ({{}}); the download may be corrupt or truncated, download it '
                f'again')
     if path.suffix == '.safetensors':
@@ -69,11 +90,14 @@ def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[s
     try:
         with torch.serialization.safe_globals(_SAFE_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        try:  # names the classes only for a readable zip checkpoint; anything else is damaged
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:
-            needed = []
+    except pickle.UnpicklingError as e:
+        needed = _unsafe_globals(path, str(e))
+        if not needed and 'Unsupported operand' in str(e):
+            raise ValueError(
+                f'{path} is a pickle that torch.load(weights_only=True) cannot read (it uses pickle operations a '
+                f'weights-only load refuses: a file not written by torch.save, or one that needs code to unpickle); '
+                f'biformer-zoo refuses it. Save the weights with torch.save(state_dict, path) and convert that') \
+                from None
         if not needed:  # torch's own message here is about weights_only, which would mislead
             raise ValueError(damaged.format('it does not unpickle as a checkpoint')) from None
         raise ValueError(
@@ -84,6 +108,15 @@ def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[s
     except Exception as e:  # weights_only unpickling runs no code: any other failure means a damaged file
         raise ValueError(damaged.format(f'{type(e).__name__}: {e}')) from None
     return _state_dict_of(checkpoint, path, prefer_ema)
+
+
+def _unsafe_globals(path: Path, message: str) -> List[str]:
+    """The code a refused checkpoint asks for: listed by torch for a zip checkpoint, named in the refusal for a
+    legacy (non-zip) one."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint
+        return re.findall(r'Unsupported global: GLOBAL ([\w.]+)', message)
 
 
 def checkpoint_filter_of(model: torch.nn.Module) -> CheckpointFilter:

@@ -16,8 +16,8 @@ from .manifest import WEIGHTS_FILE, PathLike, find_manifest_entry, manifest_entr
 from .official import load_official_checkpoint
 
 __all__ = [
-    'download_weights', 'prepare_pretrained', 'release_loaded_state_dict', 'cached_weights_path', 'pretrained_table',
-    'convert_command']
+    'download_weights', 'prepare_pretrained', 'check_pretrained_state_dict', 'release_loaded_state_dict',
+    'cached_weights_path', 'pretrained_table', 'convert_command']
 
 
 def convert_command(architecture: str, tag: Optional[str], entry: Optional[Dict[str, Any]]) -> str:
@@ -182,8 +182,53 @@ def _prepare_local_file(
         state_dict = load_official_checkpoint(file, prefer_ema=True)
     except ValueError as e:
         raise PretrainedWeightsError(f'{model_tag}: cannot use the pretrained_cfg_overlay file: {e}') from None
-    overlay.update(state_dict=state_dict, file=None)
+    overlay.update(state_dict=state_dict)  # timm takes the state dict first; the file names the source
     return dict(kwargs, pretrained_cfg_overlay=overlay)
+
+
+def _names(keys: List[str], limit: int = 4) -> str:
+    return f"{len(keys)} ({', '.join(keys[:limit])}{', ...' if len(keys) > limit else ''})"
+
+
+def check_pretrained_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Refuse pretrained weights that would load into ``model`` only in part.
+
+    Called on the state dict timm is about to load (already in the model's layout), before timm drops a classifier
+    of another size and adapts the first conv to ``in_chans``; after that timm loads with ``strict=False`` and checks
+    nothing. Only the classifier (``pretrained_cfg['classifier']``) may be missing, extra or of another shape, and the
+    first conv (``pretrained_cfg['first_conv']``) may differ in its input channels. Anything else missing, unexpected,
+    of another shape, or integer where the model holds floats (or the reverse) raises :class:`PretrainedWeightsError`
+    naming the source, the counts and a few names.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    def names(value: Any) -> tuple:
+        return (value,) if isinstance(value, str) else tuple(value or ())
+    head = tuple(f'{name}.' for name in names(cfg.get('classifier')))
+    first_convs = {f'{name}.weight' for name in names(cfg.get('first_conv'))}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(head)
+               and not k.endswith('num_batches_tracked')]  # BatchNorm's counter: not a weight
+    unexpected = [k for k in state_dict if k not in own and not k.startswith(head)]
+    wrong = []
+    for key in own.keys() & state_dict.keys():
+        value, target = state_dict[key], own[key]
+        if value.is_floating_point() != target.is_floating_point():
+            wrong.append(f'{key} is {value.dtype}, the model holds {target.dtype}')
+        elif value.shape != target.shape and not key.startswith(head) and not (
+                key in first_convs and value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]):
+            wrong.append(f'{key} is {tuple(value.shape)}, the model holds {tuple(target.shape)}')
+    if not (missing or unexpected or wrong):
+        return
+    source = cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the state dict given as pretrained_cfg'
+    model_tag = '.'.join(filter(None, (cfg.get('architecture'), cfg.get('tag'))))
+    problems = [f'{label} {_names(keys)}' for label, keys in (
+        ('missing', missing), ('unexpected', unexpected), ('of another shape or kind', wrong)) if keys]
+    raise PretrainedWeightsError(
+        f"{model_tag}: the pretrained weights {source} do not fit the model's backbone; tensors {'; '.join(problems)}. "
+        f"Only the classifier may be missing or differ (and the first conv's input channels, for in_chans), so "
+        f"loading them would leave part of the model random. Use weights of this architecture and configuration "
+        f"(`biformer-zoo convert` names the models an official checkpoint fits), or create the model with the "
+        f"arguments the weights were trained with.")
 
 
 def release_loaded_state_dict(model: torch.nn.Module) -> torch.nn.Module:
