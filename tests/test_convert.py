@@ -137,6 +137,21 @@ def test_overwrite_replaces_a_conversion_and_push_uploads_only_its_files(tiny_co
     assert (code, RecordingHfApi.uploaded) == (0, sorted(CONVERTED_FILES)), capsys.readouterr().err
 
 
+def test_push_without_a_token_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
+    code = cli.main(['convert', '--model', TINY, '--checkpoint', str(tmp_path / 'none.pth'), '--out',
+                     str(tmp_path / 'out'), '--push', 'test-org/upload'])
+    err = capsys.readouterr().err
+    assert (code, err.count('\n'), 'HF_TOKEN' in err, (tmp_path / 'out').exists()) == (2, 1, True, False), err
+
+
+def test_push_refuses_a_folder_without_the_converted_files(tmp_path):
+    (tmp_path / 'config.json').write_text('{}')
+    with pytest.raises(ValueError, match=r'has no model\.safetensors, README\.md; push a folder written by'):
+        hub.push_to_hub(tmp_path, 'test-org/upload', token='hf_not_a_real_token')
+
+
 def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
     """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
     with torch.device('meta'):
