@@ -89,8 +89,14 @@ def create_model_for_size(name: str, img_size: ImageSize, features_only: bool = 
                 if 'img_size' not in str(e):
                     raise
         return timm.create_model(name, features_only=features_only, **kwargs)
-    except TypeError as e:  # an argument the model does not take, e.g. a --model-arg meant for another family
-        if 'argument' not in str(e):
+    except TypeError as e:
+        if 'argument' in str(e):  # an argument the model does not take, e.g. a --model-arg meant for another family
+            raise ValueError(f'{name} cannot be built with {kwargs}: {e}. Pass model arguments only to models that '
+                             f'take them (one command per family)') from None
+        texts = {key: value for key, value in kwargs.items() if isinstance(value, str)}
+        if not texts:
             raise
-        raise ValueError(f'{name} cannot be built with {kwargs}: {e}. Pass model arguments only to models that '
-                         f'take them (one command per family)') from None
+        # a --model-arg value that is no Python literal arrives as text, where the model wants a number or tuple
+        raise ValueError(f"{name} cannot be built with {kwargs}: {e}. {', '.join(texts)} came as text "
+                         f"({', '.join(map(repr, texts.values()))}) because no Python literal parsed; give a number "
+                         f"or tuple, e.g. n_win=16, topks=(1,4,16,None)") from None

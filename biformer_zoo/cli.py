@@ -1,6 +1,14 @@
-"""The ``biformer-zoo`` command line: one subcommand per task, each a thin wrapper over a library function."""
+"""The ``biformer-zoo`` command line: one subcommand per task, each a thin wrapper over a library function.
+
+Errors: a mistake in what the user asked for is one line on stderr, ``biformer-zoo <command>: error: <message>``,
+and exit status 2, as argparse's own usage errors. ``main`` turns the errors the package raises for bad input into
+that line, at one place: ``ValueError``, ``OSError`` and ``RuntimeError`` (``PretrainedWeightsError`` is one; so
+are torch's out-of-memory errors). Any other exception (``TypeError``, ``KeyError``, ...) is a bug and keeps its
+traceback. ``--traceback`` (or ``BIFORMER_ZOO_DEBUG=1``) shows the full traceback of any error.
+"""
 import argparse
 import json
+import os
 import sys
 from typing import Dict, List, Optional
 
@@ -8,6 +16,7 @@ import torch
 import timm
 
 from .models import list_zoo_models
+from .weights import PretrainedWeightsError
 
 
 def model_table(names: Optional[List[str]] = None) -> List[Dict]:
@@ -60,14 +69,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
-    from .weights import PretrainedWeightsError
-    try:
-        result = convert_checkpoint(
-            args.model, args.checkpoint, args.out, tag=args.tag, push=args.push,
-            update_manifest=args.update_manifest, measure_flops=not args.no_flops, progress=not args.quiet)
-    except PretrainedWeightsError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+    result = convert_checkpoint(
+        args.model, args.checkpoint, args.out, tag=args.tag, push=args.push, update_manifest=args.update_manifest,
+        measure_flops=not args.no_flops, progress=not args.quiet, overwrite=args.overwrite)
     gflops = f'{result.gflops:.3f}' if result.gflops is not None else 'not measured'
     print(f'{result.model}: wrote {result.out_dir} (model.safetensors, config.json, README.md)\n'
           f'params {result.params:,}, GFLOPs {gflops}\n'
@@ -108,31 +112,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACEBACK_HELP = 'on an error, show the full traceback, not one line (also: BIFORMER_ZOO_DEBUG=1)'
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage itself is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='biformer-zoo', description=__doc__)
+    parser = _ArgumentParser(prog='biformer-zoo', description=__doc__.split('\n\n')[0])
+    # --traceback before or after the command; SUPPRESS keeps the command's parser from resetting it to False
+    parser.add_argument('--traceback', action='store_true', help=TRACEBACK_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--traceback', action='store_true', default=argparse.SUPPRESS, help=TRACEBACK_HELP)
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('list', help='list every registered model with its parameter count')
+    p = sub.add_parser('list', parents=[common], help='list every registered model with its parameter count')
     p.add_argument('--format', choices=('table', 'json'), default='table')
     p.add_argument('--pretrained', action='store_true',
                    help='list every pretrained tag of the weights manifest: status, Hub repo, in the local cache')
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser('convert', help='convert an official checkpoint into a Hub-ready folder '
-                                       '(model.safetensors, config.json, README.md)')
+    p = sub.add_parser('convert', parents=[common], help='convert an official checkpoint into a Hub-ready folder '
+                                                          '(model.safetensors, config.json, README.md)')
     p.add_argument('--model', required=True, help='zoo model name, e.g. biformer_small')
     p.add_argument('--checkpoint', required=True, help='the official .pth file (loaded with weights_only=True)')
-    p.add_argument('--out', required=True, help='folder to write')
+    p.add_argument('--out', required=True, help='folder to write: new or empty, unless --overwrite')
+    p.add_argument('--overwrite', action='store_true',
+                   help='write into --out although it holds files (a previous conversion is replaced; other files '
+                        'are kept and never uploaded)')
     p.add_argument('--tag', default='in1k', help='pretrained tag in the weights manifest (default: in1k)')
-    p.add_argument('--push', metavar='REPO', help='upload the folder to this Hub repo (token from HF_TOKEN)')
+    p.add_argument('--push', metavar='REPO',
+                   help='upload the converted files (only those) to this Hub repo (token from HF_TOKEN)')
     p.add_argument('--update-manifest', action='store_true',
                    help='record sha256, size and status in weights_manifest.json')
     p.add_argument('--no-flops', action='store_true', help='skip counting FLOPs for the model card')
     p.add_argument('--quiet', action='store_true', help='no progress output')
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser('report', help='params, fvcore GFLOPs and activations per model, stage and operator, '
-                                      'with the papers\' numbers')
+    p = sub.add_parser('report', parents=[common], help='params, fvcore GFLOPs and activations per model, stage and '
+                                                         'operator, with the papers\' numbers')
     p.add_argument('models', nargs='*', metavar='PATTERN',
                    help='model names or wildcard patterns, zoo or any timm model (default: every zoo model)')
     p.add_argument('--img-size', nargs='+', default=['224'], metavar='SIZE',
@@ -146,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--format', choices=('table', 'markdown', 'json', 'csv'), default='table')
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser('bench', help='latency, throughput and peak memory, measured round-robin against a baseline')
+    p = sub.add_parser('bench', parents=[common],
+                       help='latency, throughput and peak memory, measured round-robin against a baseline')
     p.add_argument('models', nargs='*', metavar='PATTERN',
                    help='model names or wildcard patterns, zoo or any timm model (default: every zoo model)')
     p.add_argument('--img-size', default='224', metavar='SIZE', help='224 or HxW, height first')
@@ -168,12 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line, led by its type where the type says something the message may not."""
+    message = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
+    if isinstance(error, (ValueError, PretrainedWeightsError)):
+        return message or type(error).__name__
+    return f'{type(error).__name__}: {message}' if message else type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0, or 2 for any error in what was asked for).
+
+    It never raises ``SystemExit``: argparse's usage errors and ``--help`` come back as the status too.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one line (or the help)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:
+        if args.traceback or os.environ.get('BIFORMER_ZOO_DEBUG', '') not in ('', '0'):
+            raise
+        print(f'{parser.prog} {args.command}: error: {_one_line(e)}', file=sys.stderr)
         return 2
 
 

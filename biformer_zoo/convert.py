@@ -1,9 +1,10 @@
 """``biformer-zoo convert``: an official checkpoint into a Hub-ready folder (``model.safetensors``, timm's
 ``config.json``, a model card), optionally recorded in the manifest and uploaded to the Hub."""
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import timm
 import torch
@@ -16,7 +17,9 @@ from .weights import (
     sha256_file, update_manifest_entry)
 from .weights._progress import step
 
-__all__ = ['ConversionResult', 'convert_checkpoint', 'push_to_hub']
+__all__ = ['CONVERTED_FILES', 'ConversionResult', 'convert_checkpoint', 'push_to_hub']
+
+CONVERTED_FILES = (WEIGHTS_FILE, 'config.json', 'README.md')  # what convert writes, and all that push uploads
 
 
 @dataclass
@@ -107,23 +110,52 @@ def _hub_token(folder: PathLike, repo_id: str, token: Optional[str] = None) -> s
     return token
 
 
-def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None) -> str:
-    """Upload a converted folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
+def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None,
+                files: Sequence[str] = CONVERTED_FILES) -> str:
+    """Upload ``files`` of a converted folder (by default what ``convert_checkpoint`` writes, and nothing else that
+    lies in it) to the Hub repo ``repo_id`` (created if needed), in one commit; returns the commit URL.
 
     The token comes from ``token``, else the environment (``HF_TOKEN``) or ``hf auth login``.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
+    folder = Path(folder)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} has no {', '.join(missing)}; push a folder written by `biformer-zoo convert`")
     api = HfApi(token=_hub_token(folder, repo_id, token))
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     try:
         api.create_repo(repo_id, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                                   commit_message=f'Add {Path(folder).name} converted with biformer-zoo')
+        commit = api.create_commit(repo_id, operations,
+                                   commit_message=f'Add {folder.name} converted with biformer-zoo')
     except HfHubHTTPError as e:
         raise PretrainedWeightsError(
             f"uploading {folder} to the Hub repo '{repo_id}' failed: {e}. Check that HF_TOKEN has write access to "
             f"that repo (or its organisation).") from e
     return str(commit.commit_url)
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``, refusing a file, a folder that holds files (unless ``overwrite``) and one that cannot be
+    written, each with the fix; before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f'--out {out_dir} is a file; pass a folder to write the converted weights into')
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if present and not overwrite:
+        if set(present) <= set(CONVERTED_FILES):
+            raise ValueError(f"--out {out_dir} already holds a conversion ({', '.join(present)}); pass --overwrite "
+                             f"to replace it, or another folder")
+        shown = ', '.join(present[:5]) + (f' and {len(present) - 5} more' if len(present) > 5 else '')
+        raise ValueError(f'--out {out_dir} is not empty (it holds {shown}); pass a new or empty folder, or '
+                         f'--overwrite to write into it anyway (its other files are kept and never uploaded)')
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # the folder may exist and still refuse files
+            pass
+    except OSError as e:
+        raise ValueError(f'--out {out_dir} cannot be written ({e.strerror or e}: {e.filename or out_dir}); pass a '
+                         f'folder you can write to') from None
 
 
 def convert_checkpoint(
@@ -136,6 +168,7 @@ def convert_checkpoint(
         manifest_path: Optional[PathLike] = None,
         measure_flops: bool = True,
         progress: bool = True,
+        overwrite: bool = False,
 ) -> ConversionResult:
     """Convert an official checkpoint of ``model_name.tag`` into a Hub-ready folder (``model_name`` may carry the
     tag, as in ``'biformer_small.in1k'``).
@@ -143,7 +176,10 @@ def convert_checkpoint(
     Loads ``checkpoint`` with ``weights_only=True``, maps it with the family's ``checkpoint_filter_fn``, loads it
     strictly, checks a forward pass, and writes ``model.safetensors`` (architecture, tag and source sha256 in its
     metadata), timm's ``config.json`` and a model card ``README.md`` into ``out_dir``. Optionally records sha256/size
-    in the manifest and uploads the folder to ``push`` (a Hub repo id).
+    in the manifest and uploads those three files (nothing else in ``out_dir``) to ``push`` (a Hub repo id).
+
+    ``out_dir`` must be new or empty; ``overwrite=True`` writes into a folder that holds files anyway (a previous
+    conversion is replaced; other files are kept and not uploaded).
     """
     from timm.models._hub import save_config_for_hf
 
@@ -167,10 +203,9 @@ def convert_checkpoint(
     else:
         published_sha256 = None
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f'--out {out_dir} is a file; pass a folder to write the converted weights into')
     if push:
         _hub_token(out_dir, push)  # before any work is done
+    _prepare_out_dir(out_dir, overwrite)
     family = load_manifest()['families'][entry['family']]
     checkpoint = Path(checkpoint)
     model_tag = f'{model_name}.{tag}'
@@ -211,7 +246,6 @@ def convert_checkpoint(
                 warnings.simplefilter('ignore')
                 gflops = flop_analysis(model, torch.zeros(1, *input_size)).total() / 1e9
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     weights_file = out_dir / WEIGHTS_FILE
     with step(f'writing {weights_file}', progress):
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -250,3 +250,91 @@ def test_unknown_model_error_is_also_a_runtime_error():
 def test_create_model_passes_known_names_to_timm():
     model = biformer_zoo.create_model('biformer_tiny.in1k', num_classes=3, depths=(1, 1, 1, 1))
     assert (model.pretrained_cfg['tag'], model.num_classes) == ('in1k', 3)
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line: (id, argv, the one line on stderr); '{tmp}' is a fresh folder holding file.txt, full/notes.txt
+# (a folder with a stray file), done/ (a previous conversion's README.md and config.json) and damaged.pth
+
+import re  # noqa: E402
+
+from biformer_zoo import cli  # noqa: E402
+
+CONVERT = ['convert', '--model', 'biformer_tiny', '--checkpoint', '{tmp}/damaged.pth', '--out']
+
+CLI = [
+    # usage errors (argparse)
+    ('no-command', [],
+     r'^biformer-zoo: error: the following arguments are required: command \(see biformer-zoo --help\)$'),
+    ('unknown-command', ['frob'], r"^biformer-zoo: error: argument command: invalid choice: 'frob'"),
+    ('convert-missing-args', ['convert', '--model', 'biformer_tiny'],
+     r'^biformer-zoo convert: error: the following arguments are required: --checkpoint, --out \(see biformer-zoo '
+     r'convert --help\)$'),
+    ('list-format', ['list', '--format', 'xml'],
+     r"^biformer-zoo list: error: argument --format: invalid choice: 'xml'"),
+    ('bench-rounds-text', ['bench', '--rounds', 'many'], r"^biformer-zoo bench: error: .*invalid int value: 'many'"),
+    # model names
+    ('convert-unknown-model', ['convert', '--model', 'biformer_smol', '--checkpoint', 'x.pth', '--out', '{tmp}/out'],
+     r"^biformer-zoo convert: error: unknown model 'biformer_smol'; `biformer-zoo list` shows"),
+    ('convert-unknown-tag', ['convert', '--model', 'biformer_tiny', '--tag', 'in22k', '--checkpoint', 'x.pth', '--out',
+                             '{tmp}/out'],
+     r"'biformer_tiny\.in22k' is not in the weights manifest; known tags of biformer_tiny: .*Pass --tag"),
+    ('convert-tag-disagrees', ['convert', '--model', 'biformer_tiny.in1k', '--tag', 'in22k', '--checkpoint', 'x.pth',
+                               '--out', '{tmp}/out'], r"tag 'in1k' and --tag 'in22k' disagree; give the tag once"),
+    ('report-unknown-model', ['report', 'biformer_smol'],
+     r"^biformer-zoo report: error: unknown model 'biformer_smol'.*did you mean biformer_small"),
+    ('report-pattern', ['report', 'nothing_here_*'], r"pattern 'nothing_here_\*' matches no timm model"),
+    ('bench-unknown-model', ['bench', 'biformer_smol'], r"^biformer-zoo bench: error: unknown model 'biformer_smol'"),
+    ('bench-unknown-baseline', ['bench', 'test_resnet', '--baseline', 'swin_tiy'], r"unknown model 'swin_tiy'"),
+    # model arguments
+    ('report-model-arg-text', ['report', 'biformer_tiny', '--model-arg', 'n_win=abc'],
+     r"cannot be built with \{'n_win': 'abc'\}: .* n_win came as text \('abc'\) .* e\.g\. n_win=16"),
+    ('report-model-arg-form', ['report', 'biformer_tiny', '--model-arg', 'n_win'],
+     r"model argument must look like KEY=VALUE \(e\.g\. n_win=16\), got 'n_win'"),
+    ('report-model-arg-value', ['report', 'biformer_tiny', '--model-arg', 'n_win=0'], r'n_win must be >= 1, got 0'),
+    ('report-model-arg-family', ['report', 'crossformer_tiny', '--model-arg', 'n_win=8'],
+     r"crossformer_tiny cannot be built with .*unexpected keyword argument 'n_win'.*\(one command per family\)"),
+    ('bench-model-arg-text', ['bench', 'biformer_tiny', '--baseline', 'none', '--model-arg', 'n_win=abc'],
+     r'^biformer-zoo bench: error: .* n_win came as text'),
+    # image sizes and run settings
+    ('report-img-size-text', ['report', 'biformer_tiny', '--img-size', 'big'],
+     r"image size must be an integer like 224 or HxW like 1280x800, got 'big'"),
+    ('report-img-size-zero', ['report', 'biformer_tiny', '--img-size', '0'], r'two positive integers .* got .0.'),
+    ('report-img-too-small', ['report', 'biformer_tiny', '--img-size', '16', '--model-arg', 'depths=(1,1,1,1)'],
+     r'16x16 pixels is too small: .* at least 32; resize or pad'),
+    ('report-batch-size', ['report', 'biformer_tiny', '--batch-size', '0'], r'batch_size must be at least 1, got 0'),
+    ('bench-img-size', ['bench', 'test_resnet', '--img-size', '1x2x3'], r"image size must be .* got '1x2x3'"),
+    ('bench-rounds', ['bench', 'test_resnet', '--rounds', '0'], r'rounds must be at least 1, got 0'),
+    ('bench-json-format', ['bench', 'test_resnet', '--json', '--format', 'markdown'],
+     r'--json means --format json; it conflicts with --format markdown'),
+    # output folders
+    ('convert-out-file', CONVERT + ['{tmp}/file.txt'], r'--out .*file\.txt is a file; pass a folder'),
+    ('convert-out-stray-files', CONVERT + ['{tmp}/full'],
+     r'--out .*full is not empty \(it holds notes\.txt\); pass a new or empty folder, or --overwrite'),
+    ('convert-out-previous', CONVERT + ['{tmp}/done'],
+     r'--out .*done already holds a conversion \(README\.md, config\.json\); pass --overwrite to replace it'),
+    ('convert-out-unwritable', CONVERT + ['/proc/nope/x'],
+     r'^biformer-zoo convert: error: --out /proc/nope/x cannot be written \(.*\); pass a folder you can write to$'),
+    ('convert-out-under-file', CONVERT + ['{tmp}/file.txt/x'], r'--out .*x cannot be written'),
+    # checkpoints
+    ('convert-no-checkpoint', CONVERT[:4] + ['{tmp}/none.pth', '--out', '{tmp}/out'],
+     r'checkpoint .*none\.pth does not exist; pass the path of the downloaded official \.pth file'),
+    ('convert-damaged-checkpoint', CONVERT + ['{tmp}/out'],
+     r'damaged\.pth is not a readable checkpoint .* download it again'),
+]
+
+
+@pytest.mark.parametrize('row', CLI, ids=[row[0] for row in CLI])
+def test_cli_error_is_one_line_and_exit_status_2(row, tmp_path, capsys, monkeypatch):
+    _, argv, match = row
+    monkeypatch.delenv('BIFORMER_ZOO_DEBUG', raising=False)
+    (tmp_path / 'file.txt').write_text('')
+    (tmp_path / 'damaged.pth').write_bytes(b'PK\x03\x04 not a checkpoint')
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'notes.txt').write_text('')
+    (tmp_path / 'done').mkdir()
+    for name in ('README.md', 'config.json'):
+        (tmp_path / 'done' / name).write_text('{}')
+    code = cli.main([arg.replace('{tmp}', str(tmp_path)) for arg in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert (code, len(lines), 'Traceback' in err, re.search(match, lines[0]) is not None) == (2, 1, False, True), err

@@ -3,6 +3,8 @@ import functools
 import hashlib
 import json
 import re
+import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import safetensors.torch
 import timm
 import torch
 
-from biformer_zoo import hub, weights
+from biformer_zoo import cli, hub, weights
+from biformer_zoo.convert import CONVERTED_FILES
 from official_layouts import (
     OFFICIAL_LAYOUTS, TINY, RunsCodeWhenUnpickled, save_official_checkpoint, synth_official_state_dict)
 
@@ -91,6 +94,62 @@ def test_convert_accepts_a_tagged_name_and_checks_the_output_folder_first(tiny_c
     (tmp_path / 'a_file').write_text('')
     with pytest.raises(ValueError, match='is a file'):
         hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'a_file', measure_flops=False, progress=False)
+
+
+@pytest.mark.parametrize('present,match', [
+    (['notes.txt', 'README.md'], r'is not empty \(it holds README\.md, notes\.txt\); .* or --overwrite'),
+    (['README.md', 'config.json', 'model.safetensors'], r'already holds a conversion .*; pass --overwrite to replace'),
+])
+def test_convert_refuses_a_folder_that_holds_files(tmp_path, present, match):
+    """Before any work: stray files would sit beside the conversion (and were uploaded with it), and a previous
+    conversion would be replaced silently."""
+    for name in present:
+        (tmp_path / name).write_text('')
+    with pytest.raises(ValueError, match=match):
+        hub.convert_checkpoint(TINY, tmp_path / 'no_checkpoint_needed.pth', tmp_path, progress=False)
+
+
+class RecordingHfApi:
+    """Stands in for ``huggingface_hub.HfApi``: records what would be uploaded, uploads nothing."""
+    uploaded: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, exist_ok=False):
+        return repo_id
+
+    def create_commit(self, repo_id, operations, commit_message):
+        RecordingHfApi.uploaded = sorted(op.path_in_repo for op in operations)
+        return types.SimpleNamespace(commit_url=f'https://huggingface.co/{repo_id}/commit/0')
+
+
+def test_overwrite_replaces_a_conversion_and_push_uploads_only_its_files(tiny_converted, tiny_checkpoint, tmp_path,
+                                                                       monkeypatch, capsys):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'HfApi', RecordingHfApi)
+    monkeypatch.setenv('HF_TOKEN', 'hf_not_a_real_token')
+    out = tmp_path / 'biformer_tiny.in1k'
+    shutil.copytree(tiny_converted[0], out)
+    (out / 'notes.txt').write_text('not for the Hub')
+    code = cli.main(['convert', '--model', TINY, '--checkpoint', str(tiny_checkpoint), '--out', str(out),
+                     '--overwrite', '--push', 'test-org/upload', '--no-flops', '--quiet'])
+    assert (code, RecordingHfApi.uploaded) == (0, sorted(CONVERTED_FILES)), capsys.readouterr().err
+
+
+def test_push_without_a_token_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
+    code = cli.main(['convert', '--model', TINY, '--checkpoint', str(tmp_path / 'none.pth'), '--out',
+                     str(tmp_path / 'out'), '--push', 'test-org/upload'])
+    err = capsys.readouterr().err
+    assert (code, err.count('\n'), 'HF_TOKEN' in err, (tmp_path / 'out').exists()) == (2, 1, True, False), err
+
+
+def test_push_refuses_a_folder_without_the_converted_files(tmp_path):
+    (tmp_path / 'config.json').write_text('{}')
+    with pytest.raises(ValueError, match=r'has no model\.safetensors, README\.md; push a folder written by'):
+        hub.push_to_hub(tmp_path, 'test-org/upload', token='hf_not_a_real_token')
 
 
 def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
