@@ -12,7 +12,9 @@ import timm
 import torch
 
 import biformer_zoo
-from biformer_zoo.layers import BiLevelRoutingAttention
+from biformer_zoo.blocks import AttentionBottleneck, C2fAttention
+from biformer_zoo.layers import (
+    AttentionLePE, BiLevelRoutingAttention, CrossScaleEmbed, CrossScaleMerge, LSDAttention)
 
 MODELS = biformer_zoo.list_zoo_models()
 BIFORMERS = [name for name in MODELS if name.startswith('biformer')]
@@ -62,6 +64,18 @@ MODEL_INPUTS = per_model(MODELS, [
      r'31x64 pixels is too small: .* at least 32; resize or pad'),
     ('uint8', lambda n: model_input(n, (1, 3, 64, 64), torch.uint8), ValueError,
      r'floating point .* got dtype torch\.uint8; convert it with x\.float\(\)'),
+    ('float16', lambda n: model_input(n, (1, 3, 64, 64), torch.float16), ValueError,
+     r'dtype torch\.float16 but the weights have torch\.float32; .* x\.to\(torch\.float32\), '
+     r'.* model\.to\(torch\.float16'),
+    ('bfloat16', lambda n: model_input(n, (1, 3, 64, 64), torch.bfloat16), ValueError,
+     r'dtype torch\.bfloat16 but the weights have torch\.float32; .* model\.to\(torch\.bfloat16\)'),
+    ('float64', lambda n: model_input(n, (1, 3, 64, 64), torch.float64), ValueError,
+     r'dtype torch\.float64 but the weights have torch\.float32; convert the input with x\.to\(torch\.float32\)'),
+    ('float16-intermediates', lambda n: lambda: meta_model(n).forward_intermediates(
+        torch.zeros(1, 3, 64, 64, dtype=torch.float16, device='meta')), ValueError, r'dtype torch\.float16 but'),
+    ('numpy', lambda n: lambda: meta_model(n)(torch.zeros(1, 3, 64, 64).numpy()), ValueError,
+     r'must be a torch\.Tensor, got a numpy\.ndarray; convert it with torch\.from_numpy\(x\)'),
+    ('list', lambda n: lambda: meta_model(n)([[0.]]), ValueError, r'got a builtins\.list; .* torch\.as_tensor\(x\)'),
 ])
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +118,74 @@ MODEL_NAMES = [
 # ---------------------------------------------------------------------------------------------------------------
 # layers
 
-LAYERS = [
+
+def layer_input(layer: Callable[[], torch.nn.Module], x: Callable[[], Any]) -> Callable[[], Any]:
+    return lambda: layer()(x())
+
+
+def bra():
+    return BiLevelRoutingAttention(64, num_heads=2, num_regions=2, topk=2)
+
+
+# each layer as users build it, with its channels: the (B, C, H, W) input they take
+USER_LAYERS = [
+    ('bra', bra, 64),
+    ('lepe', lambda: AttentionLePE(64, num_heads=2), 64),
+    ('lsda', lambda: LSDAttention(64, num_heads=2), 64),
+    ('embed', lambda: CrossScaleEmbed(3, 64, channels_last=False), 3),
+    ('merge', lambda: CrossScaleMerge(64, 128, channels_last=False), 64),
+    ('bottleneck', lambda: AttentionBottleneck(64, 'lsda', num_heads=2), 64),
+    ('c2f', lambda: C2fAttention(64, 64, num_heads=2, num_regions=2, topk=2), 64),
+]
+
+LAYERS = [Case(f'{name}-{row_id}', layer_input(layer, x(chans)), ValueError, match)
+          for name, layer, chans in USER_LAYERS for row_id, x, match in [
+    ('channels', lambda c: lambda: torch.zeros(1, c + 1, 8, 8),
+     r'must have (\d+) channels .* got \d+ .*; build the layer with (dim|in_chans)=\d+, or project the input to \1'),
+    ('nhwc', lambda c: lambda: torch.zeros(1, 8, 8, c), r'looks \(B, H, W, C\); pass x\.permute\(0, 3, 1, 2\)'),
+    ('3d', lambda c: lambda: torch.zeros(c, 8, 8),
+     r'must be a 4D \(B, C, H, W\) map, got a 3D tensor .* x\.unsqueeze\(0\)'),
+    ('int64', lambda c: lambda: torch.zeros(1, c, 8, 8, dtype=torch.long), r'floating point .* got dtype torch\.int64'),
+    ('float16', lambda c: lambda: torch.zeros(1, c, 8, 8, dtype=torch.float16),
+     r'dtype torch\.float16 but the weights have torch\.float32; .* x\.to\(torch\.float32\), .* torch\.autocast'),
+    ('numpy', lambda c: lambda: torch.zeros(1, c, 8, 8).numpy(), r'numpy\.ndarray; convert it with torch\.from_numpy'),
+]] + [
+    Case('bra-nchw-into-channels-last', layer_input(
+        lambda: BiLevelRoutingAttention(64, num_heads=2, num_regions=2, topk=2, channels_last=True),
+        lambda: torch.zeros(1, 64, 8, 8)), ValueError, r'\(B, H, W, C\) map, .* x\.permute\(0, 2, 3, 1\), or build .* '
+                                                        r'channels_last=False'),
+    Case('bra-float64-into-float32', layer_input(bra, lambda: torch.zeros(1, 64, 8, 8, dtype=torch.float64)),
+         ValueError, r'torch\.float64 but the weights have torch\.float32; .* model\.to\(torch\.float64\)$'),
+    Case('bra-num_heads=0', lambda: BiLevelRoutingAttention(64, num_heads=0), ValueError,
+         r'num_heads must be >= 1, got 0; pass a divisor of dim=64'),
+    Case('bra-dim=0', lambda: BiLevelRoutingAttention(0), ValueError, r'dim must be >= 1, got 0'),
+    Case('bra-num_regions=2.5', lambda: BiLevelRoutingAttention(64, num_regions=2.5), ValueError,
+         r'num_regions \(n_win\) must be an int, got 2\.5 \(float\); pass'),
+    Case('bra-topk=1.0', lambda: BiLevelRoutingAttention(64, topk=1.0), ValueError, r'topk must be an int, got 1\.0'),
+    Case('bra-qk_dim', lambda: BiLevelRoutingAttention(64, qk_dim=-8), ValueError, r'qk_dim must be >= 1, got -8'),
+    Case('bra-side_dwconv-even', lambda: BiLevelRoutingAttention(64, side_dwconv=4), ValueError,
+         r'side_dwconv must be odd or 0, got 4'),
+    Case('bra-side_dwconv-negative', lambda: BiLevelRoutingAttention(64, side_dwconv=-1), ValueError,
+         r'side_dwconv must be >= 0, got -1'),
+    Case('lepe-num_heads=0', lambda: AttentionLePE(64, num_heads=0), ValueError, r'num_heads must be >= 1, got 0'),
+    Case('lepe-heads', lambda: AttentionLePE(64, num_heads=3), ValueError,
+         r'dim \(64\) must be divisible by num_heads \(3\); use num_heads from \[1, 2, 4'),
+    Case('lsda-num_heads=0', lambda: LSDAttention(64, num_heads=0), ValueError, r'num_heads must be >= 1, got 0'),
+    Case('lsda-dim=8', lambda: LSDAttention(8, num_heads=2), ValueError, r'dim must be >= 16, got 8'),
+    Case('lsda-group_size=2.5', lambda: LSDAttention(64, 2, group_size=2.5), ValueError, r'group_size must be an int'),
+    Case('lsda-interval=0', lambda: LSDAttention(64, 2, interval=0), ValueError,
+         r'group_size and interval must be >= 1, got 7 and 0'),
+    Case('lsda-attn_drop', lambda: LSDAttention(64, 2, attn_drop=1.5), ValueError, r'attn_drop must be .* \[0, 1\)'),
+    Case('embed-stride=0', lambda: CrossScaleEmbed(3, 64, stride=0), ValueError, r'stride must be >= 1, got 0'),
+    Case('embed-in_chans=0', lambda: CrossScaleEmbed(0, 64), ValueError, r'in_chans must be >= 1, got 0'),
+    Case('embed-kernels', lambda: CrossScaleEmbed(3, 64, kernel_sizes=()), ValueError,
+         r'kernel_sizes must be a non-empty sequence of ints, got \(\)'),
+    Case('merge-in_chans=2.5', lambda: CrossScaleMerge(2.5, 64), ValueError, r'in_chans must be an int, got 2\.5'),
+    Case('merge-kernel=3.0', lambda: CrossScaleMerge(32, 64, kernel_sizes=(2, 4.0)), ValueError,
+         r'every kernel size must be an int, got 4\.0'),
+    Case('c2f-num_heads=0', lambda: C2fAttention(64, 64, num_heads=0), ValueError, r'num_heads must be >= 1, got 0'),
+    Case('c2f-depth', lambda: C2fAttention(64, 64, depth=-1), ValueError, r'depth must be >= 0, got -1'),
+    Case('bottleneck-attention', lambda: AttentionBottleneck(64, 'swin'), ValueError, r'attention must be one of'),
     Case('bra-num_regions=0', lambda: BiLevelRoutingAttention(64, num_regions=0), ValueError,
          r'num_regions \(n_win\) must be >= 1'),
     Case('bra-topk>regions', lambda: BiLevelRoutingAttention(64, num_regions=2, topk=5), ValueError,

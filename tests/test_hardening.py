@@ -107,6 +107,18 @@ def test_bf16_autocast_gradients_close_to_fp32(name):
     assert finite and grad_error < BF16_REL_TOL, f'relative error {grad_error:.4f}'
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('name', CONFIGS)
+def test_low_precision_images_run_under_autocast(reduced_models, name, dtype):
+    """A float16/bfloat16 batch into the float32 model: refused outside autocast (test_bad_input.py), taken under it
+    (forward_features and forward_intermediates), close to the float32 batch under the same autocast."""
+    model, x = reduced_models[name], torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        out, reference = model(x.to(dtype)), model(x)
+        features = model.forward_intermediates(x.to(dtype), intermediates_only=True)
+    assert len(features) == 4 and _rel_error(out, reference.float()) < BF16_REL_TOL
+
+
 class _Float32MatmulLog(TorchDispatchMode):
     """Records the attention-size ops (matmuls, attention kernels, softmax) that get a float32 input."""
     HOT_OPS = ('mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'scaled_dot_product', 'softmax')

@@ -212,7 +212,8 @@ class PyramidModel(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size)
+        check_image_input(x, self.in_chans, self.min_input_size,
+                          None if torch.jit.is_scripting() else next(self.stem.parameters()).dtype)
         intermediates = []
         take_indices, max_index = take_indices_of(len(self.stages), indices)
         last_idx = len(self.stages) - 1
@@ -253,7 +254,8 @@ class PyramidModel(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.min_input_size)
+        check_image_input(x, self.in_chans, self.min_input_size,
+                          None if torch.jit.is_scripting() else next(self.stem.parameters()).dtype)
         x = self._forward_stem(x)
         x = self.stages(x)
         return self.norm(x)
