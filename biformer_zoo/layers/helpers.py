@@ -89,9 +89,9 @@ def check_feature_map(
     The map is (B, C, H, W), or (B, H, W, C) with ``channels_last`` (None: a layer that takes only (B, C, H, W)),
     with ``channels`` channels (the layer's ``channels_arg``) and the dtype of the layer's weights (another floating
     dtype passes under autocast). A correct map costs one comparison of shape and dtype; the diagnosis runs only when
-    it fails. Skipped under TorchScript.
+    it fails. Skipped under TorchScript and torch.jit.trace (a trace cannot record it, only warn that it is constant).
     """
-    if not torch.jit.is_scripting():
+    if not (torch.jit.is_scripting() or torch.jit.is_tracing()):
         if (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[3 if channels_last else 1] != channels
                 or x.dtype != dtype):
             _diagnose_feature_map(x, channels, dtype, channels_last, layer, channels_arg)
