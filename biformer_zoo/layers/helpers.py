@@ -2,7 +2,7 @@
 
 Each raises a ``ValueError`` naming the expected and the received value and the fix. The per-call checks read shapes
 and dtypes only, never data, so they cost a few attribute reads and trace under torch.compile without a graph break;
-under TorchScript only the shape checks of ``check_image_input`` run.
+under TorchScript only the shape checks of ``check_image_input`` run, and the layer checks also skip torch.jit.trace.
 """
 import numbers
 from typing import Any, Optional
