@@ -9,13 +9,14 @@ default; ``CrossScaleEmbed`` / ``CrossScaleMerge`` (CrossFormer's multi-kernel e
     block = C2fAttention(256, 256, depth=1, attention='bra', num_heads=4, num_regions=8, topk=4)
     y = block(torch.randn(2, 256, 40, 40))  # (2, 256, 40, 40)
 """
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
 from .layers import BiLevelRoutingAttention, LSDAttention
+from .layers.helpers import check_feature_map, check_int_arg, parameter_dtype
 
 __all__ = ['ConvBNAct', 'AttentionBottleneck', 'C2fAttention', 'ATTENTIONS']
 
@@ -64,11 +65,13 @@ class AttentionBottleneck(nn.Module):
             **attention_kwargs: Any,
     ):
         super().__init__()
+        check_int_arg('dim', dim, fix='pass the channels of the input map')
         self.norm = LayerNorm2d(dim)
         self.attn = _attention_layer(attention, dim, num_heads, **attention_kwargs)
         self.conv = nn.Sequential(conv_layer(dim, dim, 3), conv_layer(dim, dim, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, self.norm.normalized_shape[0], self.norm.weight.dtype, None, 'AttentionBottleneck', 'dim')
         x = x + self.attn(self.norm(x))
         return x + self.conv(x)
 
@@ -90,6 +93,8 @@ class C2fAttention(nn.Module):
         **attention_kwargs: Passed to the attention layers.
     """
 
+    in_chans: Optional[int] = None  # None in modules pickled before it was stored: their input is not checked
+
     def __init__(
             self,
             in_chans: int,
@@ -102,11 +107,16 @@ class C2fAttention(nn.Module):
             **attention_kwargs: Any,
     ):
         super().__init__()
+        check_int_arg('in_chans', in_chans, fix='pass the channels of the input map')
+        check_int_arg('out_chans', out_chans, fix='pass the channels of the output map')
+        check_int_arg('depth', depth, minimum=0, fix='pass the number of attention bottlenecks')
+        check_int_arg('num_heads', num_heads, fix='pass a divisor of the hidden channels int(out_chans * expansion)')
         hidden = int(out_chans * expansion)
         if hidden < 1 or hidden % num_heads:
             raise ValueError(
                 f'hidden channels int(out_chans * expansion) = {hidden} must be a positive multiple of '
                 f'num_heads={num_heads}; change out_chans, expansion or num_heads')
+        self.in_chans = in_chans
         self.hidden = hidden
         self.split_conv = conv_layer(in_chans, 2 * hidden, 1)
         self.blocks = nn.ModuleList([
@@ -114,6 +124,8 @@ class C2fAttention(nn.Module):
         self.fuse_conv = conv_layer((2 + depth) * hidden, out_chans, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_chans is not None:
+            check_feature_map(x, self.in_chans, parameter_dtype(self.split_conv), None, 'C2fAttention', 'in_chans')
         parts = list(self.split_conv(x).chunk(2, dim=1))  # 2 x (B, hidden, H, W)
         for block in self.blocks:
             parts.append(block(parts[-1]))

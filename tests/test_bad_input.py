@@ -16,7 +16,9 @@ import timm
 import torch
 
 import biformer_zoo
-from biformer_zoo.layers import BiLevelRoutingAttention
+from biformer_zoo.blocks import AttentionBottleneck, C2fAttention
+from biformer_zoo.layers import (
+    AttentionLePE, BiLevelRoutingAttention, CrossScaleEmbed, CrossScaleMerge, LSDAttention)
 from biformer_zoo.weights import PretrainedWeightsError
 from official_layouts import RunsCodeWhenUnpickled
 
@@ -68,6 +70,18 @@ MODEL_INPUTS = per_model(MODELS, [
      r'31x64 pixels is too small: .* at least 32; resize or pad'),
     ('uint8', lambda n: model_input(n, (1, 3, 64, 64), torch.uint8), ValueError,
      r'floating point .* got dtype torch\.uint8; convert it with x\.float\(\)'),
+    ('float16', lambda n: model_input(n, (1, 3, 64, 64), torch.float16), ValueError,
+     r'dtype torch\.float16 but the weights have torch\.float32; .* x\.to\(torch\.float32\), '
+     r'.* model\.to\(torch\.float16'),
+    ('bfloat16', lambda n: model_input(n, (1, 3, 64, 64), torch.bfloat16), ValueError,
+     r'dtype torch\.bfloat16 but the weights have torch\.float32; .* model\.to\(torch\.bfloat16\)'),
+    ('float64', lambda n: model_input(n, (1, 3, 64, 64), torch.float64), ValueError,
+     r'dtype torch\.float64 but the weights have torch\.float32; convert the input with x\.to\(torch\.float32\)'),
+    ('float16-intermediates', lambda n: lambda: meta_model(n).forward_intermediates(
+        torch.zeros(1, 3, 64, 64, dtype=torch.float16, device='meta')), ValueError, r'dtype torch\.float16 but'),
+    ('numpy', lambda n: lambda: meta_model(n)(torch.zeros(1, 3, 64, 64).numpy()), ValueError,
+     r'must be a torch\.Tensor, got a numpy\.ndarray; convert it with torch\.from_numpy\(x\)'),
+    ('list', lambda n: lambda: meta_model(n)([[0.]]), ValueError, r'got a builtins\.list; .* torch\.as_tensor\(x\)'),
 ])
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,9 +90,9 @@ MODEL_INPUTS = per_model(MODELS, [
 MODEL_ARGS = per_model(BIFORMERS, [
     ('n_win=2', lambda n: meta_create(n, n_win=2), ValueError,
      r'topks=\(1, 4, 16, None\) do not fit n_win=2: .* n_win\*\*2 = 4 .* lower topks or raise n_win'),
-    ('n_win=0', lambda n: meta_create(n, n_win=0), ValueError, r'n_win must be an int >= 1, got 0; the regions'),
-    ('n_win=2.5', lambda n: meta_create(n, n_win=2.5), ValueError, r'n_win must be an int >= 1, got 2\.5'),
-    ('head_dim=0', lambda n: meta_create(n, head_dim=0), ValueError, r'head_dim must be an int >= 1, got 0'),
+    ('n_win=0', lambda n: meta_create(n, n_win=0), ValueError, r'n_win must be >= 1, got 0; n_win is the number of regions per side'),
+    ('n_win=2.5', lambda n: meta_create(n, n_win=2.5), ValueError, r'n_win must be an int, got 2\.5 \(float\)'),
+    ('head_dim=0', lambda n: meta_create(n, head_dim=0), ValueError, r'head_dim must be >= 1, got 0'),
     ('topks=4', lambda n: meta_create(n, topks=4), ValueError, r'topks needs one entry per stage, e\.g\. topks=\('),
     ('topk=50', lambda n: meta_create(n, topks=(1, 4, 50, None)), ValueError, r'between 1 and n_win\*\*2 = 49'),
     ('topk=0', lambda n: meta_create(n, topks=(0, 4, 16, None)), ValueError, r'between 1 and n_win\*\*2'),
@@ -93,7 +107,7 @@ MODEL_ARGS = per_model(BIFORMERS, [
     ('3-heads', lambda n: meta_create(n, num_heads=(2, 4, 8)), ValueError, r'one entry per stage'),
     ('heads', lambda n: meta_create(n, num_heads=(5, 5, 5, 5)), ValueError, r'divisible by num_heads'),
     ('num_heads=4', lambda n: meta_create(n, num_heads=4), ValueError, r'num_heads needs one entry per stage'),
-    ('embed_dim=0', lambda n: meta_create(n, embed_dim=0), ValueError, r'embed_dim must be an int >= 1, got 0'),
+    ('embed_dim=0', lambda n: meta_create(n, embed_dim=0), ValueError, r'embed_dim must be >= 1, got 0'),
     ('attn_drop_rate=1', lambda n: meta_create(n, attn_drop_rate=1.), ValueError,
      r'attn_drop_rate must be a number in \[0, 1\)'),
 ]) + per_model(['biformer_tiny', 'crossformer_tiny'], [  # the arguments both families take, checked in one place
@@ -101,10 +115,10 @@ MODEL_ARGS = per_model(BIFORMERS, [
      r'drop_path_rate must be a number in \[0, 1\) .* got 1\.5'),
     ('drop_rate=-0.1', lambda n: meta_create(n, drop_rate=-0.1), ValueError, r'drop_rate must be a number in \[0, 1\)'),
     ('in_chans=0', lambda n: meta_create(n, in_chans=0), ValueError,
-     r'in_chans must be an int >= 1, got 0; the number'),
-    ('in_chans=-3', lambda n: meta_create(n, in_chans=-3), ValueError, r'in_chans must be an int >= 1, got -3'),
-    ('in_chans=3.0', lambda n: meta_create(n, in_chans=3.), ValueError, r'in_chans must be an int >= 1, got 3\.0'),
-    ('num_classes=-1', lambda n: meta_create(n, num_classes=-1), ValueError, r'num_classes must be an int >= 0'),
+     r'in_chans must be >= 1, got 0; in_chans is the number'),
+    ('in_chans=-3', lambda n: meta_create(n, in_chans=-3), ValueError, r'in_chans must be >= 1, got -3'),
+    ('in_chans=3.0', lambda n: meta_create(n, in_chans=3.), ValueError, r'in_chans must be an int, got 3\.0 \(float\)'),
+    ('num_classes=-1', lambda n: meta_create(n, num_classes=-1), ValueError, r'num_classes must be >= 0, got -1; use 0 for no classifier'),
     ('img_size=0', lambda n: meta_create(n, img_size=0), ValueError, r'img_size must be an int or an \(H, W\) pair'),
     ('img_size=-5', lambda n: meta_create(n, img_size=-5), ValueError, r'img_size must be .* got -5'),
     ('img_size=3-tuple', lambda n: meta_create(n, img_size=(224, 224, 3)), ValueError, r'img_size must be'),
@@ -138,7 +152,74 @@ MODEL_NAMES = [
 # ---------------------------------------------------------------------------------------------------------------
 # layers
 
-LAYERS = [
+
+def layer_input(layer: Callable[[], torch.nn.Module], x: Callable[[], Any]) -> Callable[[], Any]:
+    return lambda: layer()(x())
+
+
+def bra():
+    return BiLevelRoutingAttention(64, num_heads=2, num_regions=2, topk=2)
+
+
+# each layer as users build it, with its channels: the (B, C, H, W) input they take
+USER_LAYERS = [
+    ('bra', bra, 64),
+    ('lepe', lambda: AttentionLePE(64, num_heads=2), 64),
+    ('lsda', lambda: LSDAttention(64, num_heads=2), 64),
+    ('embed', lambda: CrossScaleEmbed(3, 64, channels_last=False), 3),
+    ('merge', lambda: CrossScaleMerge(64, 128, channels_last=False), 64),
+    ('bottleneck', lambda: AttentionBottleneck(64, 'lsda', num_heads=2), 64),
+    ('c2f', lambda: C2fAttention(64, 64, num_heads=2, num_regions=2, topk=2), 64),
+]
+
+LAYERS = [Case(f'{name}-{row_id}', layer_input(layer, x(chans)), ValueError, match)
+          for name, layer, chans in USER_LAYERS for row_id, x, match in [
+    ('channels', lambda c: lambda: torch.zeros(1, c + 1, 8, 8),
+     r'must have (\d+) channels .* got \d+ .*; build the layer with (dim|in_chans)=\d+, or project the input to \1'),
+    ('nhwc', lambda c: lambda: torch.zeros(1, 8, 8, c), r'looks \(B, H, W, C\); pass x\.permute\(0, 3, 1, 2\)'),
+    ('3d', lambda c: lambda: torch.zeros(c, 8, 8),
+     r'must be a 4D \(B, C, H, W\) map, got a 3D tensor .* x\.unsqueeze\(0\)'),
+    ('int64', lambda c: lambda: torch.zeros(1, c, 8, 8, dtype=torch.long), r'floating point .* got dtype torch\.int64'),
+    ('float16', lambda c: lambda: torch.zeros(1, c, 8, 8, dtype=torch.float16),
+     r'dtype torch\.float16 but the weights have torch\.float32; .* x\.to\(torch\.float32\), .* torch\.autocast'),
+    ('numpy', lambda c: lambda: torch.zeros(1, c, 8, 8).numpy(), r'numpy\.ndarray; convert it with torch\.from_numpy'),
+]] + [
+    Case('bra-nchw-into-channels-last', layer_input(
+        lambda: BiLevelRoutingAttention(64, num_heads=2, num_regions=2, topk=2, channels_last=True),
+        lambda: torch.zeros(1, 64, 8, 8)), ValueError, r'\(B, H, W, C\) map, .* x\.permute\(0, 2, 3, 1\), or build .* '
+                                                        r'channels_last=False'),
+    Case('bra-float64-into-float32', layer_input(bra, lambda: torch.zeros(1, 64, 8, 8, dtype=torch.float64)),
+         ValueError, r'torch\.float64 but the weights have torch\.float32; .* model\.to\(torch\.float64\)$'),
+    Case('bra-num_heads=0', lambda: BiLevelRoutingAttention(64, num_heads=0), ValueError,
+         r'num_heads must be >= 1, got 0; pass a divisor of dim=64'),
+    Case('bra-dim=0', lambda: BiLevelRoutingAttention(0), ValueError, r'dim must be >= 1, got 0'),
+    Case('bra-num_regions=2.5', lambda: BiLevelRoutingAttention(64, num_regions=2.5), ValueError,
+         r'num_regions \(n_win\) must be an int, got 2\.5 \(float\); pass'),
+    Case('bra-topk=1.0', lambda: BiLevelRoutingAttention(64, topk=1.0), ValueError, r'topk must be an int, got 1\.0'),
+    Case('bra-qk_dim', lambda: BiLevelRoutingAttention(64, qk_dim=-8), ValueError, r'qk_dim must be >= 1, got -8'),
+    Case('bra-side_dwconv-even', lambda: BiLevelRoutingAttention(64, side_dwconv=4), ValueError,
+         r'side_dwconv must be odd or 0, got 4'),
+    Case('bra-side_dwconv-negative', lambda: BiLevelRoutingAttention(64, side_dwconv=-1), ValueError,
+         r'side_dwconv must be >= 0, got -1'),
+    Case('lepe-num_heads=0', lambda: AttentionLePE(64, num_heads=0), ValueError, r'num_heads must be >= 1, got 0'),
+    Case('lepe-heads', lambda: AttentionLePE(64, num_heads=3), ValueError,
+         r'dim \(64\) must be divisible by num_heads \(3\); use num_heads from \[1, 2, 4'),
+    Case('lsda-num_heads=0', lambda: LSDAttention(64, num_heads=0), ValueError, r'num_heads must be >= 1, got 0'),
+    Case('lsda-dim=8', lambda: LSDAttention(8, num_heads=2), ValueError, r'dim must be >= 16, got 8'),
+    Case('lsda-group_size=2.5', lambda: LSDAttention(64, 2, group_size=2.5), ValueError, r'group_size must be an int'),
+    Case('lsda-interval=0', lambda: LSDAttention(64, 2, interval=0), ValueError,
+         r'group_size and interval must be >= 1, got 7 and 0'),
+    Case('lsda-attn_drop', lambda: LSDAttention(64, 2, attn_drop=1.5), ValueError, r'attn_drop must be .* \[0, 1\)'),
+    Case('embed-stride=0', lambda: CrossScaleEmbed(3, 64, stride=0), ValueError, r'stride must be >= 1, got 0'),
+    Case('embed-in_chans=0', lambda: CrossScaleEmbed(0, 64), ValueError, r'in_chans must be >= 1, got 0'),
+    Case('embed-kernels', lambda: CrossScaleEmbed(3, 64, kernel_sizes=()), ValueError,
+         r'kernel_sizes must be a non-empty sequence of ints, got \(\)'),
+    Case('merge-in_chans=2.5', lambda: CrossScaleMerge(2.5, 64), ValueError, r'in_chans must be an int, got 2\.5'),
+    Case('merge-kernel=3.0', lambda: CrossScaleMerge(32, 64, kernel_sizes=(2, 4.0)), ValueError,
+         r'every kernel size must be an int, got 4\.0'),
+    Case('c2f-num_heads=0', lambda: C2fAttention(64, 64, num_heads=0), ValueError, r'num_heads must be >= 1, got 0'),
+    Case('c2f-depth', lambda: C2fAttention(64, 64, depth=-1), ValueError, r'depth must be >= 0, got -1'),
+    Case('bottleneck-attention', lambda: AttentionBottleneck(64, 'swin'), ValueError, r'attention must be one of'),
     Case('bra-num_regions=0', lambda: BiLevelRoutingAttention(64, num_regions=0), ValueError,
          r'num_regions \(n_win\) must be >= 1'),
     Case('bra-topk>regions', lambda: BiLevelRoutingAttention(64, num_regions=2, topk=5), ValueError,
@@ -292,15 +373,15 @@ CLI = [
     ('bench-unknown-baseline', ['bench', 'test_resnet', '--baseline', 'swin_tiy'], r"unknown model 'swin_tiy'"),
     # model arguments
     ('report-model-arg-text', ['report', 'biformer_tiny', '--model-arg', 'n_win=abc'],
-     r"^biformer-zoo report: error: n_win must be an int >= 1, got 'abc'; the regions per side"),
+     r"^biformer-zoo report: error: n_win must be an int, got 'abc' \(str\); n_win is the number of regions"),
     ('report-model-arg-form', ['report', 'biformer_tiny', '--model-arg', 'n_win'],
      r"model argument must look like KEY=VALUE \(e\.g\. n_win=16\), got 'n_win'"),
     ('report-model-arg-value', ['report', 'biformer_tiny', '--model-arg', 'n_win=0'],
-     r'n_win must be an int >= 1, got 0'),
+     r'n_win must be >= 1, got 0'),
     ('report-model-arg-family', ['report', 'crossformer_tiny', '--model-arg', 'n_win=8'],
      r"crossformer_tiny cannot be built with .*unexpected keyword argument 'n_win'.*\(one command per family\)"),
     ('bench-model-arg-text', ['bench', 'biformer_tiny', '--baseline', 'none', '--model-arg', 'n_win=abc'],
-     r"^biformer-zoo bench: error: n_win must be an int >= 1, got 'abc'"),
+     r"^biformer-zoo bench: error: n_win must be an int, got 'abc'"),
     # image sizes and run settings
     ('report-img-size-text', ['report', 'biformer_tiny', '--img-size', 'big'],
      r"image size must be an integer like 224 or HxW like 1280x800, got 'big'"),

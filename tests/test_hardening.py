@@ -107,6 +107,18 @@ def test_bf16_autocast_gradients_close_to_fp32(name):
     assert finite and grad_error < BF16_REL_TOL, f'relative error {grad_error:.4f}'
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('name', CONFIGS)
+def test_low_precision_images_run_under_autocast(reduced_models, name, dtype):
+    """A float16/bfloat16 batch into the float32 model: refused outside autocast (test_bad_input.py), taken under it
+    (forward_features and forward_intermediates), close to the float32 batch under the same autocast."""
+    model, x = reduced_models[name], torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        out, reference = model(x.to(dtype)), model(x)
+        features = model.forward_intermediates(x.to(dtype), intermediates_only=True)
+    assert len(features) == 4 and _rel_error(out, reference.float()) < BF16_REL_TOL
+
+
 class _Float32MatmulLog(TorchDispatchMode):
     """Records the attention-size ops (matmuls, attention kernels, softmax) that get a float32 input."""
     HOT_OPS = ('mm', 'bmm', 'addmm', 'baddbmm', 'matmul', 'scaled_dot_product', 'softmax')
@@ -324,18 +336,21 @@ def test_every_torch_load_uses_weights_only():
     assert unsafe == {}
 
 
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
 @pytest.mark.parametrize('how', ['pretrained_file', 'checkpoint_path'])
-def test_pickle_with_code_is_refused_through_timm(tmp_path, how):
-    """A .pth that needs code to unpickle is refused by the loaders timm uses for our models, without running it
-    (``biformer-zoo convert`` refuses it too: test_convert)."""
+def test_pickle_with_code_is_refused_through_timm(tmp_path, how, legacy):
+    """A .pth that needs code to unpickle (torch's zip format or its legacy one) is refused by the loaders timm uses
+    for our models, without running it (``biformer-zoo convert`` refuses it too: test_convert)."""
     model = timm.create_model('biformer_tiny', depths=(1, 1, 1, 1))
     path = tmp_path / 'evil.pth'
-    torch.save({'state_dict': model.state_dict(), 'hook': RunsCodeWhenUnpickled(tmp_path / 'ran')}, path)
+    torch.save({'state_dict': model.state_dict(), 'hook': RunsCodeWhenUnpickled(tmp_path / 'ran')}, path,
+               _use_new_zipfile_serialization=not legacy)
     kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))) if how == 'pretrained_file' \
         else dict(checkpoint_path=str(path))
     # the overlay file goes through biformer-zoo's own loader (as `convert`), checkpoint_path through timm's
+    # (timm names the globals only for the zip format)
     refusal = r'needs code to unpickle \(official_layouts\.leave_marker' if how == 'pretrained_file' else \
-        r'weights_only=True blocked .* Unsupported globals: official_layouts\.leave_marker'
+        r'weights_only=True blocked' + ('' if legacy else r' .* Unsupported globals: official_layouts\.leave_marker')
     with pytest.raises(RuntimeError, match=refusal):
         timm.create_model('biformer_tiny', depths=(1, 1, 1, 1), **kwargs)
     assert not (tmp_path / 'ran').exists()

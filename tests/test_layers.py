@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from biformer_zoo.blocks import AttentionBottleneck, C2fAttention
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp, reference_math
+from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from biformer_zoo.layers import bra
 from biformer_zoo.layers._routed_flex import flex_routed_attention, padded_region_tokens, region_block_mask
 from biformer_zoo.layers.bra import count_routed, routed_attention_impl
@@ -359,3 +361,41 @@ def test_residual_depthwise_conv_equals_input_plus_conv(kernel):
     got = torch.autograd.grad(out, [x, conv.weight, conv.bias], grad)
     want = torch.autograd.grad(reference, [x, plain.weight, plain.bias], grad)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input checks (bad input: test_bad_input.py): correct input passes them untouched
+
+# the layers users call, each with the (B, C, H, W) channels it takes
+CHECKED_LAYERS = {
+    'bra': (lambda: BiLevelRoutingAttention(16, num_heads=2, num_regions=2, topk=2), 16),
+    'lepe': (lambda: AttentionLePE(16, num_heads=2), 16),
+    'lsda': (lambda: LSDAttention(16, num_heads=2), 16),
+    'embed': (lambda: CrossScaleEmbed(3, 16, channels_last=False), 3),
+    'merge': (lambda: CrossScaleMerge(16, 32, channels_last=False), 16),
+    'bottleneck': (lambda: AttentionBottleneck(16, 'bra', num_heads=2, num_regions=2, topk=2), 16),
+    'c2f': (lambda: C2fAttention(32, 32, num_heads=2, attention='lsda'), 32),
+}
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('name', CHECKED_LAYERS)
+def test_low_precision_input_runs_under_autocast(name, dtype):
+    """A float16/bfloat16 map into float32 weights runs under autocast (refused outside it: test_bad_input.py)."""
+    factory, chans = CHECKED_LAYERS[name]
+    torch.manual_seed(0)
+    layer = factory().eval()
+    x = torch.randn(1, chans, 16, 16)
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        out, reference = layer(x.to(dtype)), layer(x)
+    assert out.shape == reference.shape and (out.float() - reference.float()).norm() < 0.05 * reference.float().norm()
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_square_map_whose_side_equals_dim_is_taken_in_either_layout(channels_last):
+    """(1, 8, 8, 8) is a valid map in both layouts: the layout hint only fires when the channels do not match."""
+    layer = BiLevelRoutingAttention(8, num_heads=2, num_regions=2, topk=1, channels_last=channels_last).eval()
+    x = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        assert layer(x).shape == x.shape
+

@@ -41,6 +41,7 @@ from timm.layers import register_notrace_module
 from ._routed_flex import flex_routed_attention
 from ._routed_gather import RoutedAttention, gather_qkv
 from .conv import DepthwiseConv2d
+from .helpers import check_feature_map, check_int_arg
 from .reference import use_reference_math
 
 __all__ = [
@@ -173,14 +174,13 @@ class BiLevelRoutingAttention(nn.Module):
         super().__init__()
         qk_dim = qk_dim or dim
         _check_impl(attn_impl)
-        if num_regions < 1:
-            raise ValueError(f'num_regions (n_win) must be >= 1, got {num_regions}')
+        _check_attention_args(dim, num_heads, side_dwconv, qk_dim)
+        check_int_arg('num_regions (n_win)', num_regions, fix='pass the number of regions per side, e.g. 7')
+        check_int_arg('topk', topk, fix=f'pass an int between 1 and num_regions**2 = {num_regions ** 2}')
         if not 1 <= topk <= num_regions ** 2:
             raise ValueError(
                 f'topk must be between 1 and num_regions**2 = {num_regions ** 2} (num_regions={num_regions}), '
                 f'got {topk}; lower topk or raise num_regions (n_win)')
-        if dim % num_heads or qk_dim % num_heads:
-            raise ValueError(f'dim ({dim}) and qk_dim ({qk_dim}) must be divisible by num_heads ({num_heads})')
         self.dim = dim
         self.qk_dim = qk_dim
         self.num_heads = num_heads
@@ -205,6 +205,7 @@ class BiLevelRoutingAttention(nn.Module):
         return RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, self.dim, self.qkv.weight.dtype, self.channels_last, 'BiLevelRoutingAttention', 'dim')
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         B, H, W, _ = x.shape
@@ -325,6 +326,22 @@ def _check_impl(attn_impl: str) -> None:
         raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
 
 
+def _check_attention_args(dim: int, num_heads: int, side_dwconv: int, qk_dim: Optional[int] = None) -> None:
+    """The arguments both attentions of this module share: widths, heads and the LePE kernel."""
+    check_int_arg('dim', dim, fix='pass the channels of the input map')
+    check_int_arg('num_heads', num_heads, fix=f'pass a divisor of dim={dim}')
+    check_int_arg('side_dwconv', side_dwconv, minimum=0, fix='pass an odd kernel size, or 0 for no LePE')
+    if side_dwconv > 0 and side_dwconv % 2 == 0:
+        raise ValueError(f'side_dwconv must be odd or 0, got {side_dwconv}; pass an odd kernel size (e.g. 5), '
+                         f'or 0 for no LePE')
+    if qk_dim is not None:
+        check_int_arg('qk_dim', qk_dim, fix='pass the channels of queries and keys, or None for dim')
+    widths = f'dim ({dim})' if qk_dim is None else f'dim ({dim}) and qk_dim ({qk_dim})'
+    if dim % num_heads or (qk_dim or dim) % num_heads:
+        divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0 and (qk_dim or dim) % h == 0]
+        raise ValueError(f'{widths} must be divisible by num_heads ({num_heads}); use num_heads from {divisors}')
+
+
 @contextmanager
 def routed_attention_impl(model: nn.Module, attn_impl: str) -> Iterator[nn.Module]:
     """Run every ``BiLevelRoutingAttention`` of ``model`` with ``attn_impl`` inside the block, then restore them.
@@ -374,8 +391,7 @@ class AttentionLePE(nn.Module):
             channels_last: bool = False,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        _check_attention_args(dim, num_heads, side_dwconv)
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.lepe_on_value = lepe_on_value
@@ -385,6 +401,7 @@ class AttentionLePE(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(x, self.qkv.in_features, self.qkv.weight.dtype, self.channels_last, 'AttentionLePE', 'dim')
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         B, H, W, C = x.shape

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .conv import StridedConv2d
+from .helpers import check_feature_map, check_int_arg
 
 __all__ = ['CrossScaleEmbed', 'CrossScaleMerge', 'cross_scale_channels']
 
@@ -32,7 +33,13 @@ def cross_scale_channels(out_chans: int, num_kernels: int) -> List[int]:
 
 
 def _multi_kernel_convs(in_chans: int, out_chans: int, kernel_sizes: Sequence[int], stride: int) -> nn.ModuleList:
+    check_int_arg('in_chans', in_chans, fix='pass the channels of the input')
+    check_int_arg('out_chans', out_chans, fix='pass the channels of the output')
+    check_int_arg('stride', stride, fix='pass the downsampling factor, e.g. 4')
+    if isinstance(kernel_sizes, (str, bytes)) or not isinstance(kernel_sizes, Sequence) or not kernel_sizes:
+        raise ValueError(f'kernel_sizes must be a non-empty sequence of ints, got {kernel_sizes!r}; pass e.g. (2, 4)')
     for k in kernel_sizes:
+        check_int_arg('every kernel size', k, minimum=None, fix=f'pass ints >= the stride ({stride})')
         if k < stride or (k - stride) % 2:
             raise ValueError(
                 f'every kernel size must be >= the stride ({stride}) and differ from it by an even number, '
@@ -80,6 +87,8 @@ class CrossScaleEmbed(nn.Module):
         self.norm = norm_layer(out_chans) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.projs[0]
+        check_feature_map(x, conv.in_channels, conv.weight.dtype, None, 'CrossScaleEmbed', 'in_chans')
         branches = []
         for proj in self.projs:
             branches.append(proj(x))
@@ -111,11 +120,14 @@ class CrossScaleMerge(nn.Module):
             channels_last: bool = True,
     ):
         super().__init__()
+        check_int_arg('in_chans', in_chans, fix='pass the channels of the input')  # before the norm is built on it
         self.channels_last = channels_last
         self.norm = norm_layer(in_chans)
         self.reductions = _multi_kernel_convs(in_chans, out_chans, kernel_sizes, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.reductions[0]
+        check_feature_map(x, conv.in_channels, conv.weight.dtype, self.channels_last, 'CrossScaleMerge', 'in_chans')
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         x = pad_to_multiple(self.norm(x).permute(0, 3, 1, 2), 2)  # (B, in_chans, H, W), H and W even

@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 
+from .helpers import check_feature_map, check_int_arg
+
 __all__ = [
     'DynamicPosBias', 'LSDAttention', 'group_layout', 'group_tokens', 'ungroup_heads',
     'relative_position_inputs', 'padding_mask', 'explicit_attention',
@@ -218,13 +220,23 @@ class LSDAttention(nn.Module):
             channels_last: bool = False,
     ):
         super().__init__()
-        if dim % num_heads or dim < 16:
-            raise ValueError(f'dim ({dim}) must be >= 16 (the position bias MLP has dim // 16 channels) and '
-                             f'divisible by num_heads ({num_heads})')
+        check_int_arg('dim', dim, minimum=16, fix='pass the channels of the input map (the position bias MLP has '
+                                                  'dim // 16 channels)')
+        check_int_arg('num_heads', num_heads, fix=f'pass a divisor of dim={dim}')
+        if dim % num_heads:
+            divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0]
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads}); use num_heads from '
+                             f'{divisors}')
         if group_rule not in GROUP_RULES:
             raise ValueError(f'group_rule must be one of {GROUP_RULES}, got {group_rule!r}')
+        check_int_arg('group_size', group_size, minimum=None, fix='pass the group side as an int, e.g. 7')
+        check_int_arg('interval', interval, minimum=None, fix='pass the long-distance interval as an int, e.g. 8')
         if group_size < 1 or interval < 1:
-            raise ValueError(f'group_size and interval must be >= 1, got {group_size} and {interval}')
+            raise ValueError(f'group_size and interval must be >= 1, got {group_size} and {interval}; pass '
+                             f'positive sizes (the official models use group_size=7 and interval 8, 4, 2, 1)')
+        for name, p in (('attn_drop', attn_drop), ('proj_drop', proj_drop)):
+            if not 0. <= p < 1.:
+                raise ValueError(f'{name} must be a probability in [0, 1), got {p!r}; pass e.g. 0.0 or 0.1')
         self.num_heads = num_heads
         self.group_size = group_size
         self.interval = interval
@@ -289,6 +301,8 @@ class LSDAttention(nn.Module):
         return self.compute_position_bias(group_h, group_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature_map(
+            x, self.qkv.in_features, self.qkv.weight.dtype, self.channels_last, 'LSDAttention', 'dim')
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
         B, H, W, C = x.shape

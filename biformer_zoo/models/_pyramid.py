@@ -11,6 +11,7 @@ from timm.models import build_model_with_cfg, checkpoint, get_arch_pretrained_cf
 from timm.models._features import feature_take_indices
 
 from ..layers import check_image_input
+from ..layers.helpers import check_int_arg, parameter_dtype
 from ..weights import check_pretrained_state_dict, checkpoint_filter_of, prepare_pretrained, release_loaded_state_dict
 
 MIN_INPUT_SIZE = 32  # both families: the stride-32 stages need at least one pixel of the last map
@@ -33,12 +34,6 @@ def check_pretrained_tag(architecture: str, tag: Any) -> None:
             f'Use one of them (e.g. {architecture}.{tags[0] if tags else "<tag>"}) or leave the tag out')
 
 
-def check_int(name: str, value: Any, least: int = 1, fix: str = '') -> None:
-    """Raise a ``ValueError`` unless ``value`` is an int (not a bool) of at least ``least``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f'{name} must be an int >= {least}, got {value!r}{"; " + fix if fix else ""}')
-
-
 def check_rate(name: str, value: Any) -> None:
     """Raise a ``ValueError`` unless ``value`` is a probability in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
@@ -54,7 +49,7 @@ def check_per_stage(name: str, value: Any, example: str) -> None:
 
 def check_head_args(num_classes: int, global_pool: str) -> None:
     """A classifier needs pooled features: ``global_pool=''`` keeps the map, so only ``num_classes=0`` fits it."""
-    check_int('num_classes', num_classes, least=0, fix='use 0 for no classifier')
+    check_int_arg('num_classes', num_classes, minimum=0, fix='use 0 for no classifier')
     if global_pool not in POOL_TYPES + ('',):
         raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOL_TYPES))} or '' (no pooling), got "
                          f"{global_pool!r}")
@@ -205,7 +200,7 @@ class PyramidModel(nn.Module):
     def set_head_settings(self, in_chans: int, num_classes: int, global_pool: str, drop_rate: float,
                           drop_path_rate: float, num_features: int) -> None:
         """Check the arguments both families take and set the attributes timm and the shared methods read."""
-        check_int('in_chans', in_chans, fix='the number of image channels, e.g. 3 (RGB) or 1 (grayscale)')
+        check_int_arg('in_chans', in_chans, fix='in_chans is the number of image channels, e.g. 3 (RGB) or 1 (grayscale)')
         check_head_args(num_classes, global_pool)
         check_rate('drop_rate', drop_rate)
         check_rate('drop_path_rate', drop_path_rate)
@@ -282,7 +277,8 @@ class PyramidModel(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size)
+        check_image_input(x, self.in_chans, self.min_input_size,
+                          None if torch.jit.is_scripting() else parameter_dtype(self.stem))
         intermediates = []
         take_indices, max_index = take_indices_of(len(self.stages), indices)
         last_idx = len(self.stages) - 1
@@ -323,7 +319,8 @@ class PyramidModel(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.min_input_size)
+        check_image_input(x, self.in_chans, self.min_input_size,
+                          None if torch.jit.is_scripting() else parameter_dtype(self.stem))
         x = self._forward_stem(x)
         x = self.stages(x)
         return self.norm(x)

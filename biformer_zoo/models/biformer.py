@@ -23,9 +23,10 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
+from ..layers.helpers import check_int_arg
 from ..weights import register_checkpoint_filter
 from ._pyramid import (
-    PyramidModel, PyramidStage, check_int, check_per_stage, create_pyramid_model, pretrained_tag, pyramid_cfg)
+    PyramidModel, PyramidStage, check_per_stage, create_pyramid_model, pretrained_tag, pyramid_cfg)
 
 __all__ = ['BiFormer']
 
@@ -157,8 +158,8 @@ class BiFormer(PyramidModel):
         check_per_stage('embed_dims', embed_dims, '(64, 128, 256, 512)')
         check_per_stage('mlp_ratios', mlp_ratios, '(3, 3, 3, 3)')
         check_per_stage('topks', topks, '(1, 4, 16, None)')
-        check_int('n_win', n_win, fix='the regions per side of the routed attention (7 at 224 px)')
-        check_int('head_dim', head_dim, fix='the channels per head (32 in every official model)')
+        check_int_arg('n_win', n_win, fix='n_win is the number of regions per side of the routed attention (7 at 224 px)')
+        check_int_arg('head_dim', head_dim, fix='head_dim is the number of channels per head (32 in every official model)')
         num_stages = len(depths)
         if not (len(embed_dims) == len(mlp_ratios) == len(topks) == num_stages):
             raise ValueError(

@@ -25,9 +25,10 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, calculate_dr
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
+from ..layers.helpers import check_int_arg
 from ..weights import register_checkpoint_filter
 from ._pyramid import (
-    PyramidModel, PyramidStage, check_int, check_per_stage, check_rate, create_pyramid_model, pyramid_cfg)
+    PyramidModel, PyramidStage, check_per_stage, check_rate, create_pyramid_model, pyramid_cfg)
 
 __all__ = ['CrossFormer']
 
@@ -160,7 +161,7 @@ class CrossFormer(PyramidModel):
         super().__init__()
         check_per_stage('depths', depths, '(2, 2, 6, 2)')
         check_per_stage('num_heads', num_heads, '(3, 6, 12, 24)')
-        check_int('embed_dim', embed_dim, fix='the channels of the first stage (64-128 in the official models)')
+        check_int_arg('embed_dim', embed_dim, fix='embed_dim is the width of the first stage (64-128 in the official models)')
         check_rate('proj_drop_rate', proj_drop_rate)
         check_rate('attn_drop_rate', attn_drop_rate)
         num_stages = len(depths)
