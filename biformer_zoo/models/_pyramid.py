@@ -54,8 +54,8 @@ def check_head_args(num_classes: int, global_pool: str) -> None:
         raise ValueError(f"global_pool must be one of {', '.join(map(repr, POOL_TYPES))} or '' (no pooling), got "
                          f"{global_pool!r}")
     if num_classes > 0 and not global_pool:
-        raise ValueError("global_pool='' keeps the (B, C, H, W) map, which a classifier cannot take; use "
-                         "num_classes=0 with it, or a pooling type ('avg', 'max', 'avgmax', 'catavgmax')")
+        raise ValueError(f"global_pool='' keeps the (B, C, H, W) map, which a classifier cannot take; use "
+                         f"num_classes=0 with it, or a pooling type ({', '.join(map(repr, POOL_TYPES))})")
 
 
 def create_pyramid_model(model_cls: Type['PyramidModel'], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
@@ -64,8 +64,9 @@ def create_pyramid_model(model_cls: Type['PyramidModel'], variant: str, pretrain
     ``img_size`` into the pretrained cfg's ``input_size``, then ``build_model_with_cfg``, loading pretrained weights
     through the family's checkpoint filter and refusing a file that would load only in part."""
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    if kwargs.get('features_only') and kwargs.get('out_indices') is not None:
-        take_indices_of(len(kwargs.get('depths', (0,) * 4)), kwargs['out_indices'])
+    if kwargs.get('features_only') and kwargs.get('out_indices') is not None:  # before timm's wrappers assert
+        depths = kwargs.get('depths')
+        take_indices_of(len(depths) if hasattr(depths, '__len__') else 4, kwargs['out_indices'])
     kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
     model = build_model_with_cfg(
         model_cls, variant, pretrained,
