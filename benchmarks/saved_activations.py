@@ -1,7 +1,7 @@
 """Memory that a training forward keeps for backward, per model: the storages autograd saves.
 
     python benchmarks/saved_activations.py biformer_small swin_tiny_patch4_window7_224 --batch-size 8
-    python benchmarks/saved_activations.py biformer_small --plain-routing   # without the routed-attention Function
+    python benchmarks/saved_activations.py biformer_small --attn-impl reference   # autograd's own routed backward
 
 Sums the distinct storages that ``torch.autograd.graph.saved_tensors_hooks`` sees during one training forward;
 unlike a peak-memory reading it does not depend on the allocator or on what else runs on the machine.
@@ -12,18 +12,12 @@ import timm
 import torch
 
 import biformer_zoo  # noqa: F401  (registers the models)
-from biformer_zoo.layers.bra import BiLevelRoutingAttention, routed_attention
+from biformer_zoo.layers.bra import ATTN_IMPLS, routed_attention_impl
 
 
-def use_plain_routing() -> None:
-    """Route BiFormer's attention through plain autograd (``index_select`` + SDPA), which keeps the gathered
-    keys/values for backward, instead of the Function that keeps only the projected tokens."""
-    def plain(self, q, k, v, q_index, kv_index):
-        return routed_attention(q, k, v, q_index, kv_index, self.num_heads, self.scale)
-    BiLevelRoutingAttention._routed_attention_autograd = plain
-
-
-def saved_for_backward_bytes(name: str, batch_size: int, img_size: int) -> int:
+def saved_for_backward_bytes(name: str, batch_size: int, img_size: int, attn_impl: str = 'auto') -> int:
+    """Bytes of the distinct storages saved for backward by one training forward of ``name``; ``attn_impl`` is
+    set on every ``BiLevelRoutingAttention`` of the model (models without one ignore it)."""
     model = timm.create_model(name).train()
     x = torch.randn(batch_size, 3, img_size, img_size)
     storages = {}
@@ -33,7 +27,7 @@ def saved_for_backward_bytes(name: str, batch_size: int, img_size: int) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with routed_attention_impl(model, attn_impl), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x)
     return sum(storages.values())
 
@@ -43,16 +37,16 @@ def main() -> None:
     parser.add_argument('models', nargs='+')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--plain-routing', action='store_true',
-                        help="BiFormer's routed attention through plain autograd instead of its custom Function")
+    parser.add_argument('--attn-impl', default='auto', choices=ATTN_IMPLS,
+                        help="BiFormer's routed attention: 'reference' keeps the gathered keys/values for autograd, "
+                             "'gather' runs the Function that keeps only the projected tokens everywhere")
     args = parser.parse_args()
-    if args.plain_routing:
-        use_plain_routing()
-    sizes = {name: saved_for_backward_bytes(name, args.batch_size, args.img_size) for name in args.models}
+    sizes = {name: saved_for_backward_bytes(name, args.batch_size, args.img_size, args.attn_impl)
+             for name in args.models}
     reference = sizes[args.models[-1]]
     for name, size in sizes.items():
         print(f'{name:32s} {size / 2 ** 20:8.0f} MiB saved for backward '
-              f'(batch {args.batch_size}, {args.img_size}px)  ratio vs {args.models[-1]}: {size / reference:.2f}')
+              f'(batch {args.batch_size}, {args.img_size}px, attn_impl {args.attn_impl})  ratio vs {args.models[-1]}: {size / reference:.2f}')
 
 
 if __name__ == '__main__':
