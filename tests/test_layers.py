@@ -188,9 +188,10 @@ def test_flex_block_mask_allows_exactly_the_routed_real_keys(side, num_regions, 
         3, routed.unsqueeze(1), True))
 
 
-def test_flex_layout_gradients_equal_reference():
-    """Forward and backward of the flex path's layout and mask: FlexAttention has no CPU backward, so its math twin
-    (SDPA over the same region-major, padded tokens with the block mask's dense form) is differentiated."""
+def test_flex_layout_gradients_equal_reference(monkeypatch):
+    """Forward and backward of the flex path's layout and mask: FlexAttention has no CPU backward (torch 2.14, eager
+    or compiled), so its math twin (SDPA over the same region-major, padded tokens with the block mask's dense form)
+    stands in for torch's flex_attention and is differentiated."""
     from torch.nn.attention.flex_attention import create_mask
     from biformer_zoo.layers import _routed_flex
     torch.manual_seed(0)
@@ -204,12 +205,8 @@ def test_flex_layout_gradients_equal_reference():
     inputs = (x, *layer.parameters())
     g_ref = torch.autograd.grad(layer(x).square().sum(), inputs)
     layer.attn_impl = 'flex'
-    original = _routed_flex.flex_attention
-    _routed_flex.flex_attention = twin
-    try:
-        g_flex = torch.autograd.grad(layer(x).square().sum(), inputs)
-    finally:
-        _routed_flex.flex_attention = original
+    monkeypatch.setattr(_routed_flex, 'flex_attention', twin)
+    g_flex = torch.autograd.grad(layer(x).square().sum(), inputs)
     torch.testing.assert_close(g_flex, g_ref)
 
 
