@@ -45,8 +45,8 @@ def main() -> None:
              for name in args.models}
     reference = sizes[args.models[-1]]
     for name, size in sizes.items():
-        print(f'{name:32s} {size / 2 ** 20:8.0f} MiB saved for backward '
-              f'(batch {args.batch_size}, {args.img_size}px, attn_impl {args.attn_impl})  ratio vs {args.models[-1]}: {size / reference:.2f}')
+        print(f'{name:32s} {size / 2 ** 20:8.0f} MiB saved for backward (batch {args.batch_size}, '
+              f'{args.img_size}px, attn_impl {args.attn_impl})  ratio vs {args.models[-1]}: {size / reference:.2f}')
 
 
 if __name__ == '__main__':

@@ -147,7 +147,7 @@ def test_zoo_flops_match_official_fvcore_at_224(name):
     model = timm.create_model(name).eval()
     with torch.no_grad():
         gflops = flop_analysis(model, torch.randn(1, 3, 224, 224)).total() / 1e9
-    assert gflops == pytest.approx(PAPER_NUMBERS[name].fvcore_gflops, rel=0.005)  # README: at most 0.43% lower (CrossFormer++-H)
+    assert gflops == pytest.approx(PAPER_NUMBERS[name].fvcore_gflops, rel=0.005)  # README: 0.43% lower at most
 
 
 @pytest.fixture(scope='module')
