@@ -96,3 +96,25 @@ def test_preset_model_takes_its_model_kwargs(path: Path):
 def test_preset_name_starts_with_its_model(path: Path):
     preset = load_preset(path.stem)
     assert path.stem.split('.')[0] == timm.models.split_model_name_tag(preset['model'])[0]
+
+
+def test_imagenet_recipe_randaugment_at_its_largest_magnitude():
+    """The recipes' RandAugment at the largest magnitude its noise reaches (timm clips at 10): PosterizeIncreasing
+    then keeps 0 bits. Pillow < 13 returns a black image; Pillow 13 refuses, and README says to install pillow<13."""
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+    policies = {_load(path)['aa'] for path in IMAGENET_CONFIGS}
+    assert policies == {'rand-m9-mstd0.5-inc1'}
+    ops = {op.name: op for op in rand_augment_transform(policies.pop(), {}).ops}
+    posterize = ops['PosterizeIncreasing']
+    bits = posterize.level_fn(posterize.magnitude_max or 10, posterize.hparams)[0]
+    image = Image.new('RGB', (4, 4), (200, 100, 50))
+    try:
+        out = posterize.aug_fn(image, bits)
+    except ValueError as e:
+        assert bits == 0 and 'bits must be' in str(e)
+        assert 'Install `"pillow<13"`' in (REPO / 'README.md').read_text()
+        assert all('pillow<13' in path.read_text() for path in IMAGENET_CONFIGS)
+    else:
+        black = ((0, 0),) * 3
+        assert (out.getextrema() == black) == (bits == 0)
