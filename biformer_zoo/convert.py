@@ -12,9 +12,9 @@ import torch
 from ._version import __version__
 from .report import flop_analysis
 from .weights import (
-    WEIGHTS_FILE, PathLike, PretrainedWeightsError, checkpoint_filter_of, find_manifest_entry, guess_architecture,
-    layout_mismatch, load_manifest, load_official_checkpoint, manifest_entries, save_safetensors_reproducibly,
-    sha256_file, update_manifest_entry)
+    WEIGHTS_FILE, PathLike, PretrainedWeightsError, check_checkpoint_file, checkpoint_filter_of, find_manifest_entry,
+    guess_architecture, layout_mismatch, load_manifest, load_official_checkpoint, manifest_entries,
+    save_safetensors_reproducibly, sha256_file, update_manifest_entry)
 from .weights._progress import step
 
 __all__ = ['CONVERTED_FILES', 'ConversionResult', 'convert_checkpoint', 'push_to_hub']
@@ -136,9 +136,8 @@ def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None,
     return str(commit.commit_url)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``, refusing a file, a folder that holds files (unless ``overwrite``) and one that cannot be
-    written, each with the fix; before any work is done."""
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a file and a folder that holds files (unless ``overwrite``), with the fix; before any work is done."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f'--out {out_dir} is a file; pass a folder to write the converted weights into')
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
@@ -149,6 +148,10 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         shown = ', '.join(present[:5]) + (f' and {len(present) - 5} more' if len(present) > 5 else '')
         raise ValueError(f'--out {out_dir} is not empty (it holds {shown}); pass a new or empty folder, or '
                          f'--overwrite to write into it anyway (its other files are kept and never uploaded)')
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir``, refusing one that cannot be written, with the fix."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # the folder may exist and still refuse files
@@ -205,9 +208,11 @@ def convert_checkpoint(
     out_dir = Path(out_dir)
     if push:
         _hub_token(out_dir, push)  # before any work is done
-    _prepare_out_dir(out_dir, overwrite)
-    family = load_manifest()['families'][entry['family']]
+    _check_out_dir(out_dir, overwrite)
     checkpoint = Path(checkpoint)
+    check_checkpoint_file(checkpoint)
+    _make_out_dir(out_dir)  # only now: a missing or wrong checkpoint leaves no folder behind
+    family = load_manifest()['families'][entry['family']]
     model_tag = f'{model_name}.{tag}'
 
     source_sha256 = sha256_file(checkpoint, progress=progress) if checkpoint.is_file() else ''

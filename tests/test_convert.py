@@ -137,6 +137,15 @@ def test_overwrite_replaces_a_conversion_and_push_uploads_only_its_files(tiny_co
     assert (code, RecordingHfApi.uploaded) == (0, sorted(CONVERTED_FILES)), capsys.readouterr().err
 
 
+@pytest.mark.parametrize('checkpoint', ['none.pth', 'empty.pth', 'page.pth'])
+def test_convert_checks_the_checkpoint_before_it_makes_the_output_folder(tmp_path, checkpoint):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'page.pth').write_text('<!DOCTYPE html><html>sign in</html>')
+    with pytest.raises(ValueError, match=rf'{checkpoint} (does not exist|is empty|is not a checkpoint)'):
+        hub.convert_checkpoint(TINY, tmp_path / checkpoint, tmp_path / 'out', measure_flops=False, progress=False)
+    assert not (tmp_path / 'out').exists()
+
+
 def test_push_without_a_token_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
