@@ -7,7 +7,7 @@ from biformer_zoo.blocks import AttentionBottleneck, C2fAttention
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp, reference_math
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from biformer_zoo.layers import bra
-from biformer_zoo.layers._routed_flex import flex_routed_attention, padded_region_tokens, region_block_mask
+from biformer_zoo.layers._routed_flex import padded_region_tokens, region_block_mask
 from biformer_zoo.layers.bra import count_routed, routed_attention_impl
 from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-import biformer_zoo  # noqa: F401  registers the models
 from biformer_zoo.weights import manifest_entries
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
