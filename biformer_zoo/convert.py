@@ -215,7 +215,7 @@ def convert_checkpoint(
     family = load_manifest()['families'][entry['family']]
     model_tag = f'{model_name}.{tag}'
 
-    source_sha256 = sha256_file(checkpoint, progress=progress) if checkpoint.is_file() else ''
+    source_sha256 = sha256_file(checkpoint, progress=progress)
     with step(f'loading {checkpoint.name} (weights_only=True)', progress):
         official = load_official_checkpoint(checkpoint)
 
