@@ -31,7 +31,7 @@ Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bot
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
 """
 from contextlib import contextmanager
-from typing import ContextManager, Iterator, Optional
+from typing import ContextManager, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,27 +45,45 @@ from .helpers import check_feature_map, check_int_arg
 from .reference import use_reference_math
 
 __all__ = [
-    'BiLevelRoutingAttention', 'AttentionLePE', 'ATTN_IMPLS', 'route_regions', 'routed_attention', 'routing_mask',
-    'routed_attention_impl', 'count_routed']
+    'BiLevelRoutingAttention', 'AttentionLePE', 'ATTN_IMPLS', 'RegionRouter', 'route_regions', 'routed_attention',
+    'routing_mask', 'routed_attention_impl', 'count_routed']
 
 # executions of the fine level: chosen per call, or the plain math, or one of the fast paths
 ATTN_IMPLS = ('auto', 'reference', 'gather', 'dense', 'flex')
 
 
-def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indices of the ``topk`` key regions for every query region.
+def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Routing scores of every query region over the key regions, and the indices of its ``topk`` best.
 
     Args:
-        query: Region-mean queries, (B, regions, C).
+        query: Region-mean queries, scaled, (B, regions, C).
         key: Region-mean keys, (B, regions, C).
         topk: Number of routed regions per query region.
 
     Returns:
-        (B, regions, topk) int64 region indices.
+        (B, regions, regions) scores and (B, regions, topk) int64 region indices.
     """
     # routing is not differentiable in BiFormer (the official code detaches q and k)
     affinity = query.detach() @ key.detach().transpose(-2, -1)  # (B, regions, regions)
-    return torch.topk(affinity, k=topk, dim=-1).indices
+    return affinity, torch.topk(affinity, k=topk, dim=-1).indices
+
+
+class RegionRouter(nn.Module):
+    """BRA's coarse level as a module without parameters: region-mean queries and keys in, routing scores and the
+    ``topk`` routed regions out (``route_regions``). Being a module, it lets forward hooks see the routing of each
+    call whatever execution runs the fine level (``biformer_zoo.viz.record_routing``)."""
+
+    def __init__(self, topk: int, scale: float):
+        super().__init__()
+        self.topk = topk
+        self.scale = scale
+
+    def extra_repr(self) -> str:
+        return f'topk={self.topk}'
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, regions, C) region means -> (B, regions, regions) scores, (B, regions, topk) indices."""
+        return route_regions(query * self.scale, key, self.topk)
 
 
 def region_token_index(num_regions: int, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -193,6 +211,7 @@ class BiLevelRoutingAttention(nn.Module):
         self.dense_max_tokens = 1024
 
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
+        self.router = RegionRouter(topk, self.scale)
         self.lepe = DepthwiseConv2d(dim, side_dwconv) if side_dwconv > 0 else None
         self.proj = nn.Linear(dim, dim)
 
@@ -227,7 +246,7 @@ class BiLevelRoutingAttention(nn.Module):
         # pooling kernel computed from the map size, so that the TorchScript-based ONNX exporter traces it)
         q_regions = q.detach().view(B, n, rh, n, rw, self.qk_dim).mean((2, 4)).flatten(1, 2)  # (B, regions, qk_dim)
         k_regions = k.detach().view(B, n, rh, n, rw, self.qk_dim).mean((2, 4)).flatten(1, 2)  # (B, regions, qk_dim)
-        routed = route_regions(q_regions * self.scale, k_regions, self.topk)
+        _, routed = self.router(q_regions, k_regions)  # (B, regions, topk)
 
         out = self.fine_attention(q, k, v, routed)
         if self.lepe is not None:
