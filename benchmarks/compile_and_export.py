@@ -21,7 +21,7 @@ import torch
 import timm
 
 import biformer_zoo  # noqa: F401
-from biformer_zoo.report import TextTable, tables_to_markdown
+from biformer_zoo.tools.tables import TextTable, tables_to_markdown
 
 
 def _median_latency_ms(fn: Callable[[], Any], rounds: int) -> float:

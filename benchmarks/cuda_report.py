@@ -45,9 +45,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import biformer_zoo  # noqa: F401  (registers the models)
-from biformer_zoo.bench import machine_info, round_robin
+from biformer_zoo.tools.bench import machine_info, round_robin
 from biformer_zoo.layers.bra import ATTN_IMPLS, BiLevelRoutingAttention, routed_attention_impl
-from biformer_zoo.report import TextTable, create_model_for_size, tables_to_markdown
+from biformer_zoo.tools.arguments import create_model_for_size
+from biformer_zoo.tools.tables import TextTable, tables_to_markdown
 
 HERE = Path(__file__).resolve().parent
 SWIN_T, SWIN_S = 'swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224'

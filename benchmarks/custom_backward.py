@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import biformer_zoo  # noqa: F401  (registers the models)
-from biformer_zoo.bench import round_robin
+from biformer_zoo.tools.bench import round_robin
 from biformer_zoo.layers import bra, lsda
 from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
 

@@ -15,7 +15,7 @@ Groups (defaults: CPU, 2 torch threads, fp32, 224x224, batch 8, random weights):
 - ``deterministic``: biformer_small training step with ``torch.use_deterministic_algorithms(True)`` / without,
   alternating the flag step by step (it is restored after every step).
 
-Latency, throughput and memory come from ``biformer_zoo.bench.benchmark`` (its definitions apply); ``batch1`` and
+Latency, throughput and memory come from ``biformer_zoo.tools.bench.benchmark`` (its definitions apply); ``batch1`` and
 ``deterministic`` compare two settings of the same model, which ``benchmark`` cannot interleave, so they use a
 round-robin over ``bench.make_step`` steps with ``bench.round_robin``.
 """
@@ -32,8 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import biformer_zoo  # noqa: F401  (registers the zoo models with timm)
-from biformer_zoo.bench import BenchReport, BenchResult, benchmark, machine_info, make_step, round_robin
-from biformer_zoo.report import TextTable, create_model_for_size, tables_to_markdown
+from biformer_zoo.tools.bench import BenchReport, BenchResult, benchmark, machine_info, make_step, round_robin
+from biformer_zoo.tools.arguments import create_model_for_size
+from biformer_zoo.tools.tables import TextTable, tables_to_markdown
 
 GROUPS = ('eval', 'train', 'detection', 'batch1', 'deterministic')
 SWIN_T, SWIN_S = 'swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224'

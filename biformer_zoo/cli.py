@@ -10,65 +10,26 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
-import torch
-import timm
-
-from .models import list_zoo_models
+from .tools.bench import AMP_DTYPES, BENCH_FORMATS, DEFAULT_BASELINE, MODES
+from .tools.report import REPORT_FORMATS
+from .tools.tables import print_rich_tables
 from .weights import PretrainedWeightsError
 
 
-def model_table(names: Optional[List[str]] = None) -> List[Dict]:
-    """One row per registered model: name, parameter count and default input size.
-
-    Models are built on the meta device, so no memory is allocated and nothing is initialised.
-    """
-    rows = []
-    for name in names or list_zoo_models():
-        with torch.device('meta'):
-            model = timm.create_model(name)
-        rows.append(dict(
-            model=name,
-            params=sum(p.numel() for p in model.parameters()),
-            input_size=list(model.pretrained_cfg['input_size']),
-            pretrained_tags=[n.split('.', 1)[1] for n in timm.list_pretrained(f'{name}.*')],
-        ))
-    return rows
-
-
-def _print_table(title: str, columns: List[str], rows: List[List[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify='right' if col.startswith(('params', 'GFLOPs')) else 'left')
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-
-
 def cmd_list(args: argparse.Namespace) -> int:
-    if args.pretrained:
-        from .weights import pretrained_table
-        rows = pretrained_table()
-        title, columns = 'biformer-zoo pretrained weights', ['model.tag', 'status', 'in cache', 'top-1', 'Hub repo']
-        cells = [[r['model'], r['status'], 'yes' if r['cached'] else 'no', f"{r['top1']}", r['hf_hub_id']]
-                 for r in rows]
-    else:
-        rows = model_table()
-        title, columns = 'biformer-zoo models', ['model', 'params', 'params (M)', 'input', 'pretrained tags']
-        cells = [[r['model'], f"{r['params']:,}", f"{r['params'] / 1e6:.2f}", 'x'.join(map(str, r['input_size'][1:])),
-                  ', '.join(r['pretrained_tags'])] for r in rows]
+    from .tools.catalog import catalog_table, model_table, pretrained_table
+    rows = pretrained_table() if args.pretrained else model_table()
     if args.format == 'json':
         print(json.dumps(rows, indent=2))
-        return 0
-    _print_table(title, columns, cells)
+    else:
+        print_rich_tables([catalog_table(rows, pretrained=args.pretrained)])
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_checkpoint
+    from .tools.convert import convert_checkpoint
     result = convert_checkpoint(
         args.model, args.checkpoint, args.out, tag=args.tag, push=args.push, update_manifest=args.update_manifest,
         measure_flops=not args.no_flops, progress=not args.quiet, overwrite=args.overwrite)
@@ -82,8 +43,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import (
-        parse_model_args, print_rich_tables, profile_many, render_report, report_tables, resolve_model_names)
+    from .tools.arguments import parse_model_args, resolve_model_names
+    from .tools.report import profile_many, render_report, report_tables
     profiles = profile_many(resolve_model_names(args.models), args.img_size, batch_size=args.batch_size,
                             features_only=args.features_only, model_kwargs=parse_model_args(args.model_arg),
                             show_progress=True)
@@ -95,8 +56,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_tables, benchmark, render_bench
-    from .report import parse_model_args, print_rich_tables, resolve_model_names
+    from .tools.arguments import parse_model_args, resolve_model_names
+    from .tools.bench import bench_tables, benchmark, render_bench
     if args.json and args.format not in ('table', 'json'):
         raise ValueError(f'--json means --format json; it conflicts with --format {args.format}: give one of them')
     baseline = None if args.baseline.lower() == 'none' else resolve_model_names([args.baseline])[0]
@@ -165,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model-arg', action='append', default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model argument, repeatable (e.g. n_win=16 for BiFormer\'s detection '
                         'backbone)')
-    p.add_argument('--format', choices=('table', 'markdown', 'json', 'csv'), default='table')
+    p.add_argument('--format', choices=REPORT_FORMATS, default='table')
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser('bench', parents=[common],
@@ -174,18 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help='model names or wildcard patterns, zoo or any timm model (default: every zoo model)')
     p.add_argument('--img-size', default='224', metavar='SIZE', help='224 or HxW, height first')
     p.add_argument('--batch-size', type=int, default=1)
-    p.add_argument('--mode', choices=('infer', 'train'), default='infer',
+    p.add_argument('--mode', choices=MODES, default='infer',
                    help='infer: forward under inference_mode; train: forward + backward + SGD step')
     p.add_argument('--rounds', type=int, default=10, help='timed round-robin rounds (one step per model each)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per model before the rounds')
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s choice)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    p.add_argument('--amp', choices=('bf16', 'fp16'), default=None, help='autocast dtype (default: float32)')
-    p.add_argument('--baseline', default='swin_tiny_patch4_window7_224',
+    p.add_argument('--amp', choices=tuple(AMP_DTYPES), default=None, help='autocast dtype (default: float32)')
+    p.add_argument('--baseline', default=DEFAULT_BASELINE,
                    help='model the ratios are computed against, added to the run if missing; "none" for no ratios')
     p.add_argument('--model-arg', action='append', default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model argument for the models (not the baseline), repeatable')
-    p.add_argument('--format', choices=('table', 'markdown', 'json'), default='table')
+    p.add_argument('--format', choices=BENCH_FORMATS, default='table')
     p.add_argument('--json', action='store_true', help='same as --format json')
     p.set_defaults(func=cmd_bench)
     return parser

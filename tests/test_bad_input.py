@@ -16,7 +16,7 @@ import timm
 import torch
 
 import biformer_zoo
-from biformer_zoo.blocks import AttentionBottleneck, C2fAttention
+from biformer_zoo.layers import AttentionBottleneck, C2fAttention
 from biformer_zoo.layers import (
     AttentionLePE, BiLevelRoutingAttention, CrossScaleEmbed, CrossScaleMerge, LSDAttention)
 from biformer_zoo.weights import PretrainedWeightsError

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from biformer_zoo.bench import BenchReport, benchmark, round_robin
+from biformer_zoo.tools.bench import BenchReport, benchmark, round_robin
 from biformer_zoo.cli import main
 
 torch.set_num_threads(2)

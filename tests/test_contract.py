@@ -238,7 +238,7 @@ def test_every_feature_cls_gives_the_intermediates(family, feature_cls):
 @pytest.mark.parametrize('name', biformer_zoo.list_zoo_models())
 def test_param_count_equals_official(name):
     """Every model at 1000 classes has the official model's parameter count, as weights_manifest.json records it."""
-    from biformer_zoo.report import PAPER_NUMBERS
+    from biformer_zoo.tools.report import PAPER_NUMBERS
     with torch.device('meta'):
         model = timm.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PAPER_NUMBERS[name].params_exact

@@ -12,8 +12,9 @@ import safetensors.torch
 import timm
 import torch
 
-from biformer_zoo import cli, hub, weights
-from biformer_zoo.convert import CONVERTED_FILES
+from biformer_zoo import cli, weights
+from biformer_zoo.tools import convert
+from biformer_zoo.tools.convert import CONVERTED_FILES
 from official_layouts import (
     OFFICIAL_LAYOUTS, TINY, RunsCodeWhenUnpickled, save_official_checkpoint, synth_official_state_dict)
 
@@ -31,7 +32,7 @@ def _missing(message: str, *parts: str) -> list:
 
 def test_convert_prints_the_sha256_of_the_written_weights(tiny_converted):
     out, printed = tiny_converted
-    assert re.search(r'sha256 ([0-9a-f]{64})', printed).group(1) == _sha256(out / hub.WEIGHTS_FILE)
+    assert re.search(r'sha256 ([0-9a-f]{64})', printed).group(1) == _sha256(out / weights.WEIGHTS_FILE)
 
 
 def test_convert_writes_timm_config(tiny_converted):
@@ -43,7 +44,7 @@ def test_model_card_has_provenance_license_citation_and_measured_numbers(tiny_co
     card = (tiny_converted[0] / 'README.md').read_text()
     with torch.device('meta'):
         params = sum(p.numel() for p in timm.create_model(TINY).parameters())
-    entry = hub.find_manifest_entry(TINY, 'in1k')
+    entry = weights.find_manifest_entry(TINY, 'in1k')
     assert _missing(card, _sha256(tiny_checkpoint), entry['sources'][0]['url'], 'license: mit',
                     '@Article{zhu2023biformer', f'{params:,}',
                     'GFLOPs at 224x224 (fvcore on the converted model, 1 multiply-add = 1 flop): 2.') == []
@@ -51,13 +52,13 @@ def test_model_card_has_provenance_license_citation_and_measured_numbers(tiny_co
 
 def test_convert_is_reproducible_and_updates_the_manifest(tiny_converted, tiny_checkpoint, tmp_path):
     manifest = tmp_path / 'weights_manifest.json'
-    manifest.write_bytes(hub.MANIFEST_PATH.read_bytes())
-    hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'again', update_manifest=True, manifest_path=manifest,
-                           measure_flops=False, progress=False)
+    manifest.write_bytes(weights.MANIFEST_PATH.read_bytes())
+    convert.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'again', update_manifest=True, manifest_path=manifest,
+                               measure_flops=False, progress=False)
     entry = [e for e in json.loads(manifest.read_text())['weights'] if e['hf_hub_id'] == TINY_REPO][0]
-    weights = tiny_converted[0] / hub.WEIGHTS_FILE
+    converted = tiny_converted[0] / weights.WEIGHTS_FILE
     assert {k: entry[k] for k in ('sha256', 'size', 'source_sha256', 'status')} == dict(
-        sha256=_sha256(weights), size=weights.stat().st_size, source_sha256=_sha256(tiny_checkpoint),
+        sha256=_sha256(converted), size=converted.stat().st_size, source_sha256=_sha256(tiny_checkpoint),
         status='converted')
 
 
@@ -65,35 +66,35 @@ def test_convert_is_reproducible_and_updates_the_manifest(tiny_converted, tiny_c
 def test_convert_keeps_a_published_entry_published(tiny_converted, tiny_checkpoint, tmp_path, monkeypatch, matches):
     """--update-manifest without --push: a published entry describes the file on the Hub. The same file keeps it
     published; a different one is refused and the manifest is left as it is."""
-    manifest = json.loads(hub.MANIFEST_PATH.read_text())
+    manifest = json.loads(weights.MANIFEST_PATH.read_text())
     entry = [e for e in manifest['weights'] if e['hf_hub_id'] == TINY_REPO][0]
-    published = _sha256(tiny_converted[0] / hub.WEIGHTS_FILE) if matches else '1' * 64
+    published = _sha256(tiny_converted[0] / weights.WEIGHTS_FILE) if matches else '1' * 64
     entry.update(sha256=published, size=1, status='published')
     path = tmp_path / 'weights_manifest.json'
     path.write_text(json.dumps(manifest))
     monkeypatch.setattr(weights.manifest, 'MANIFEST_PATH', path)
-    hub.load_manifest.cache_clear()
+    weights.load_manifest.cache_clear()
     try:
-        convert = functools.partial(hub.convert_checkpoint, TINY, tiny_checkpoint, tmp_path / 'out',
+        run = functools.partial(convert.convert_checkpoint, TINY, tiny_checkpoint, tmp_path / 'out',
                                     update_manifest=True, manifest_path=path, measure_flops=False, progress=False)
         if matches:
-            convert()
+            run()
         else:
             with pytest.raises(ValueError, match=f'published with sha256 {published}.*left as it is'):
-                convert()
+                run()
         after = [e for e in json.loads(path.read_text())['weights'] if e['hf_hub_id'] == TINY_REPO][0]
     finally:
-        hub.load_manifest.cache_clear()
+        weights.load_manifest.cache_clear()
     assert (after['status'], after['sha256']) == ('published', published)
 
 
 def test_convert_accepts_a_tagged_name_and_checks_the_output_folder_first(tiny_checkpoint, tmp_path):
-    result = hub.convert_checkpoint(f'{TINY}.in1k', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
+    result = convert.convert_checkpoint(f'{TINY}.in1k', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
                                     progress=False)
     assert result.model == f'{TINY}.in1k'
     (tmp_path / 'a_file').write_text('')
     with pytest.raises(ValueError, match='is a file'):
-        hub.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'a_file', measure_flops=False, progress=False)
+        convert.convert_checkpoint(TINY, tiny_checkpoint, tmp_path / 'a_file', measure_flops=False, progress=False)
 
 
 @pytest.mark.parametrize('present,match', [
@@ -106,7 +107,7 @@ def test_convert_refuses_a_folder_that_holds_files(tmp_path, present, match):
     for name in present:
         (tmp_path / name).write_text('')
     with pytest.raises(ValueError, match=match):
-        hub.convert_checkpoint(TINY, tmp_path / 'no_checkpoint_needed.pth', tmp_path, progress=False)
+        convert.convert_checkpoint(TINY, tmp_path / 'no_checkpoint_needed.pth', tmp_path, progress=False)
 
 
 class RecordingHfApi:
@@ -142,7 +143,7 @@ def test_convert_checks_the_checkpoint_before_it_makes_the_output_folder(tmp_pat
     (tmp_path / 'empty.pth').write_bytes(b'')
     (tmp_path / 'page.pth').write_text('<!DOCTYPE html><html>sign in</html>')
     with pytest.raises(ValueError, match=rf'{checkpoint} (does not exist|is empty|is not a checkpoint)'):
-        hub.convert_checkpoint(TINY, tmp_path / checkpoint, tmp_path / 'out', measure_flops=False, progress=False)
+        convert.convert_checkpoint(TINY, tmp_path / checkpoint, tmp_path / 'out', measure_flops=False, progress=False)
     assert not (tmp_path / 'out').exists()
 
 
@@ -158,14 +159,14 @@ def test_push_without_a_token_is_one_line_before_any_work(tmp_path, monkeypatch,
 def test_push_refuses_a_folder_without_the_converted_files(tmp_path):
     (tmp_path / 'config.json').write_text('{}')
     with pytest.raises(ValueError, match=r'has no model\.safetensors, README\.md; push a folder written by'):
-        hub.push_to_hub(tmp_path, 'test-org/upload', token='hf_not_a_real_token')
+        convert.push_to_hub(tmp_path, 'test-org/upload', token='hf_not_a_real_token')
 
 
 def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
     """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
     with torch.device('meta'):
         model = timm.create_model(f'{name}.{tag}')
-    expected = hub.checkpoint_filter_of(model)(official, model)  # the family's filter, found the way convert does
+    expected = weights.checkpoint_filter_of(model)(official, model)  # the family's filter, found the way convert does
     converted = safetensors.torch.load_file(str(weights_file))
     def keys(state: dict) -> set:
         return {k for k in state if not k.endswith('num_batches_tracked')}  # BatchNorm's counter is not a weight
@@ -175,7 +176,7 @@ def _differs_from_mapped_official(weights_file: Path, official: dict, name: str,
 
 def test_convert_biformer_layout_holds_the_official_tensors(tiny_converted):
     official = synth_official_state_dict(TINY)  # what tiny_checkpoint holds
-    assert _differs_from_mapped_official(tiny_converted[0] / hub.WEIGHTS_FILE, official, TINY, 'in1k') == []
+    assert _differs_from_mapped_official(tiny_converted[0] / weights.WEIGHTS_FILE, official, TINY, 'in1k') == []
 
 
 @pytest.fixture(scope='module')
@@ -183,15 +184,15 @@ def convert_layout(tmp_path_factory):
     """``convert(name, tag, layout) -> (official state dict, ConversionResult)``, each conversion done once."""
     done = {}
 
-    def convert(name: str, tag: str, layout: str):
+    def convert_once(name: str, tag: str, layout: str):
         if layout not in done:
             folder = tmp_path_factory.mktemp(layout)
             official = save_official_checkpoint(layout, folder / f'{layout}.pth')
-            done[layout] = official, hub.convert_checkpoint(
+            done[layout] = official, convert.convert_checkpoint(
                 name, folder / f'{layout}.pth', folder / f'{name}.{tag}', tag=tag, measure_flops=False,
                 progress=False)
         return done[layout]
-    return convert
+    return convert_once
 
 
 @pytest.mark.parametrize('name,tag,layout', OFFICIAL_LAYOUTS)
@@ -219,13 +220,13 @@ def test_convert_refuses_a_checkpoint_that_needs_code(tmp_path):
     path = tmp_path / 'evil.pth'
     torch.save({'model': synth_official_state_dict(TINY), 'hook': RunsCodeWhenUnpickled(tmp_path / 'ran')}, path)
     with pytest.raises(ValueError, match=r'needs code to unpickle \(.*leave_marker.*weights_only=True'):
-        hub.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
+        convert.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
     assert not (tmp_path / 'ran').exists()
 
 
 def test_convert_names_the_model_a_checkpoint_belongs_to(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r'does not fit biformer_small\.in1k: .* It matches biformer_tiny\.in1k'):
-        hub.convert_checkpoint('biformer_small', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
+        convert.convert_checkpoint('biformer_small', tiny_checkpoint, tmp_path / 'out', measure_flops=False,
                                progress=False)
 
 

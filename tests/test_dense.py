@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
-from biformer_zoo.blocks import C2fAttention
+from biformer_zoo.layers import C2fAttention
 from biformer_zoo.dense import FPNBackbone, fpn_backbone, load_preset, semantic_fpn
 from biformer_zoo.layers import CrossScaleMerge
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biformer_zoo.blocks import AttentionBottleneck, C2fAttention
+from biformer_zoo.layers import AttentionBottleneck, C2fAttention
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp, reference_math
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from biformer_zoo.layers import bra

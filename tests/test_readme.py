@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from biformer_zoo.report import PAPER_NUMBERS
+from biformer_zoo.tools.report import PAPER_NUMBERS
 from biformer_zoo.weights import manifest_entries
 
 README = Path(__file__).resolve().parents[1] / 'README.md'

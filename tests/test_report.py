@@ -15,9 +15,9 @@ from torch import nn
 
 import biformer_zoo
 from biformer_zoo.cli import main
-from biformer_zoo.report import (
-    PAPER_NUMBERS, SDPA_UNCOUNTED, flop_analysis, parse_img_size, parse_model_args, profile, profiles_to_csv,
-    resolve_model_names)
+from biformer_zoo.tools.arguments import parse_img_size, parse_model_args, resolve_model_names
+from biformer_zoo.tools.flops import SDPA_UNCOUNTED, flop_analysis
+from biformer_zoo.tools.report import PAPER_NUMBERS, profile, profiles_to_csv
 
 torch.set_num_threads(2)
 
@@ -275,6 +275,6 @@ def test_cli_keeps_the_traceback_of_a_bug(monkeypatch):
     """Only the package's user-facing errors become one line; an unexpected exception type is a bug to report."""
     def broken(patterns):
         raise TypeError('a bug')
-    monkeypatch.setattr('biformer_zoo.report.resolve_model_names', broken)
+    monkeypatch.setattr('biformer_zoo.tools.arguments.resolve_model_names', broken)
     with pytest.raises(TypeError, match='a bug'):
         main(['report', 'biformer_tiny'])

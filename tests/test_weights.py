@@ -13,7 +13,8 @@ import safetensors.torch
 import timm
 import torch
 
-from biformer_zoo import cli, hub  # importing the package registers the models
+from biformer_zoo import cli, weights  # importing the package registers the models
+from biformer_zoo.tools import catalog, convert
 from biformer_zoo.models import list_zoo_models
 from hub_utils import REPO_ROOT, add_to_hub_cache, run_python, serve_hub
 from official_layouts import OFFICIAL_LAYOUTS, TINY, save_official_checkpoint, synth_official_state_dict
@@ -32,13 +33,13 @@ def _missing(message: str, *parts: str) -> list:
 # Manifest
 
 def test_manifest_covers_every_registered_pretrained_tag():
-    manifest_tags = {f"{e['architecture']}.{e['tag']}" for e in hub.manifest_entries()}
+    manifest_tags = {f"{e['architecture']}.{e['tag']}" for e in weights.manifest_entries()}
     assert manifest_tags == set(list_zoo_models(pretrained=True))
 
 
-@pytest.mark.parametrize('entry', hub.manifest_entries(), ids=lambda e: f"{e['architecture']}.{e['tag']}")
+@pytest.mark.parametrize('entry', weights.manifest_entries(), ids=lambda e: f"{e['architecture']}.{e['tag']}")
 def test_registered_pretrained_cfg_agrees_with_manifest(entry):
-    expected = hub.manifest_pretrained_cfg(entry['architecture'], entry['tag'])
+    expected = weights.manifest_pretrained_cfg(entry['architecture'], entry['tag'])
     registered = timm.get_pretrained_cfg(f"{entry['architecture']}.{entry['tag']}").to_dict()
     assert {k: registered.get(k) for k in expected} == expected
 
@@ -47,30 +48,30 @@ def test_manifest_entries_are_complete():
     required = {'architecture', 'tag', 'family', 'hf_hub_id', 'file', 'sha256', 'size', 'source_sha256', 'status',
                 'sources', 'reported', 'license', 'preprocessing', 'dataset', 'num_classes'}
     problems = []
-    for e in hub.manifest_entries():
+    for e in weights.manifest_entries():
         name = f"{e['architecture']}.{e['tag']}"
         if required - set(e):
             problems.append(f'{name}: missing {sorted(required - set(e))}')
-        elif e['status'] not in hub.STATUSES:
+        elif e['status'] not in weights.STATUSES:
             problems.append(f"{name}: unknown status {e['status']}")
         elif (e['sha256'] is None) != (e['status'] == 'convertible') or (e['size'] is None) != (e['sha256'] is None):
             problems.append(f"{name}: sha256/size must be null exactly while the status is 'convertible'")
         elif not e['sources'] or not all(s.get('url') for s in e['sources']):
             problems.append(f'{name}: every official source needs a URL')
-        elif e['family'] not in hub.load_manifest()['families']:
+        elif e['family'] not in weights.load_manifest()['families']:
             problems.append(f"{name}: unknown family {e['family']}")
     assert problems == []
 
 
 def test_packaged_manifest_is_the_repository_manifest():
-    assert hub.MANIFEST_PATH.read_bytes() == (REPO_ROOT / 'weights_manifest.json').read_bytes()
+    assert weights.MANIFEST_PATH.read_bytes() == (REPO_ROOT / 'weights_manifest.json').read_bytes()
 
 
 def test_list_pretrained_shows_every_tag_with_status(capsys):
     cli.main(['list', '--pretrained', '--format', 'json'])
     rows = json.loads(capsys.readouterr().out)
     assert [(r['model'], r['status']) for r in rows] == [
-        (f"{e['architecture']}.{e['tag']}", e['status']) for e in hub.manifest_entries()]
+        (f"{e['architecture']}.{e['tag']}", e['status']) for e in weights.manifest_entries()]
 
 @pytest.mark.parametrize('name,data,match', [
     ('random.pth', bytes(range(256)) * 20, r"is not a checkpoint: it begins with b'\\x00"),
@@ -85,24 +86,24 @@ def test_damaged_or_missing_checkpoints_are_reported(tmp_path, tiny_converted, n
     if data == 'dir':
         path.mkdir()
     elif data is None:
-        whole = (tiny_converted[0] / hub.WEIGHTS_FILE).read_bytes()
+        whole = (tiny_converted[0] / weights.WEIGHTS_FILE).read_bytes()
         path.write_bytes(whole[:len(whole) // 2])
     elif data != 'none':
         path.write_bytes(data)
     with pytest.raises(ValueError, match=match):
-        hub.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
+        convert.convert_checkpoint(TINY, path, tmp_path / 'out', measure_flops=False, progress=False)
     overlay_match = 'corrupt or truncated' if name.endswith('.safetensors') else match
-    with pytest.raises(hub.PretrainedWeightsError, match=f'biformer_tiny.*{overlay_match}'):
+    with pytest.raises(weights.PretrainedWeightsError, match=f'biformer_tiny.*{overlay_match}'):
         timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
 def test_training_checkpoint_loads_through_overlay_file_like_convert(tiny_checkpoint, tmp_path):
     """A .pth given as pretrained_cfg_overlay file goes through the same safe loader as convert (Namespace and
     PosixPath args allowed), EMA weights first as timm's loader does; the model does not keep the state dict."""
-    official = hub.load_official_checkpoint(tiny_checkpoint)
+    official = weights.load_official_checkpoint(tiny_checkpoint)
     model = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_checkpoint)))
     expected = timm.create_model(TINY)
-    expected.load_state_dict(hub.checkpoint_filter_of(expected)(dict(official), expected))
+    expected.load_state_dict(weights.checkpoint_filter_of(expected)(dict(official), expected))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
     assert model.pretrained_cfg.get('state_dict') is None
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in official.items()}
@@ -152,7 +153,7 @@ def test_safetensors_metadata_must_be_strings(tmp_path):
     header = json.dumps({'__metadata__': 'biformer_tiny'}).encode()
     path.write_bytes(len(header).to_bytes(8, 'little') + header)
     with pytest.raises(ValueError, match='__metadata__ must map strings to strings'):
-        hub.read_safetensors_header(path)
+        weights.read_safetensors_header(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,11 +163,12 @@ LOAD_SCENARIOS = r'''
 import json, sys
 import safetensors.torch, timm, torch
 import biformer_zoo
-from biformer_zoo import hub, weights
+from biformer_zoo import weights
+from biformer_zoo.tools import catalog, convert
 
 args = json.loads(sys.argv[1])
 weights.manifest.MANIFEST_PATH = args['manifest']
-hub.load_manifest.cache_clear()
+weights.load_manifest.cache_clear()
 expected = safetensors.torch.load_file(args['weights'])
 images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 results = {}
@@ -203,7 +205,7 @@ def adapted():
 
 
 def hub_row(model):
-    return [r['cached'] for r in hub.pretrained_table() if r['model'] == model][0]
+    return [r['cached'] for r in catalog.pretrained_table() if r['model'] == model][0]
 
 
 for name in args['scenarios']:
@@ -225,7 +227,7 @@ for name in args['scenarios']:
     elif kind in ('cached', 'cached_before'):
         record(name, lambda: hub_row(repo))
     elif kind == 'push':
-        record(name, lambda: hub.push_to_hub(args['folder'], 'test-org/upload'))
+        record(name, lambda: convert.push_to_hub(args['folder'], 'test-org/upload'))
 print(json.dumps(results))
 '''
 
@@ -241,7 +243,7 @@ def hub_setup(tiny_converted, tmp_path_factory):
     """Files of the fake Hub and a manifest that publishes biformer_tiny.in1k and two broken test repos."""
     root = tmp_path_factory.mktemp('hub')
     folder = tiny_converted[0]
-    good = (folder / hub.WEIGHTS_FILE).read_bytes()
+    good = (folder / weights.WEIGHTS_FILE).read_bytes()
     small = _small_safetensors()
     broken = {
         'test-org/bad-sha': small,  # the manifest expects another sha256
@@ -249,7 +251,7 @@ def hub_setup(tiny_converted, tmp_path_factory):
         'test-org/corrupt': b'\x00\x01\x00\x00\x00\x00\x00\x00' + small[8:],  # header length field destroyed
         'test-org/wrong-arch': _small_safetensors('crossformer_tiny'),
     }
-    manifest = json.loads(hub.MANIFEST_PATH.read_text())
+    manifest = json.loads(weights.MANIFEST_PATH.read_text())
     tiny_entry = [e for e in manifest['weights'] if e['hf_hub_id'] == TINY_REPO][0]
     tiny_entry.update(sha256=hashlib.sha256(good).hexdigest(), size=len(good), status='published')
     for repo, sha256 in (('test-org/bad-sha', '0' * 64), ('test-org/truncated', hashlib.sha256(small).hexdigest())):
@@ -261,9 +263,9 @@ def hub_setup(tiny_converted, tmp_path_factory):
     broken['test-org/pinned'] = small
     manifest['weights'].append(dict(tiny_entry, hf_hub_id='test-org/pinned@main', sha256='0' * 64, size=len(small)))
     (root / 'manifest.json').write_text(json.dumps(manifest))
-    tiny_files = {hub.WEIGHTS_FILE: good, 'config.json': (folder / 'config.json').read_bytes()}
+    tiny_files = {weights.WEIGHTS_FILE: good, 'config.json': (folder / 'config.json').read_bytes()}
     return dict(root=root, folder=folder, tiny_files=tiny_files, broken=broken,
-                args=dict(manifest=str(root / 'manifest.json'), weights=str(folder / hub.WEIGHTS_FILE),
+                args=dict(manifest=str(root / 'manifest.json'), weights=str(folder / weights.WEIGHTS_FILE),
                           folder=str(folder)))
 
 
@@ -278,7 +280,7 @@ def offline(hub_setup):
     cache = hub_setup['root'] / 'offline' / 'hub'
     add_to_hub_cache(cache, TINY_REPO, hub_setup['tiny_files'])
     for repo, data in hub_setup['broken'].items():
-        add_to_hub_cache(cache, repo, {hub.WEIGHTS_FILE: data})
+        add_to_hub_cache(cache, repo, {weights.WEIGHTS_FILE: data})
     corrupt_file = hub_setup['root'] / 'corrupt.safetensors'
     corrupt_file.write_bytes(hub_setup['broken']['test-org/corrupt'])
     scenarios = OFFLINE + [f'file:{corrupt_file}']

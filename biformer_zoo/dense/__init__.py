@@ -14,7 +14,7 @@ The backbone options follow the mmdet/mmseg recipes of the official results:
 * ``extra_norm=True`` adds a LayerNorm per output level before the FPN or head, as the official BiFormer dense
   backbones do (the official CrossFormer ones do not).
 
-The official settings are presets, stored as YAML in ``biformer_zoo/configs/dense`` and loaded by name:
+The official settings are presets, stored as YAML in ``biformer_zoo/dense/preset_files`` and loaded by name:
 ``fpn_backbone('biformer_small.coco_maskrcnn')`` builds BiFormer-S with ``n_win=16`` and the official backbone
 options; any argument given explicitly overrides the preset. ``list_presets()`` names them.
 
@@ -26,9 +26,9 @@ resolution:
   decoder, an optional dependency: ``pip install "biformer-zoo[seg]"``), with the auxiliary FCN head of the
   official recipe, whose logits it also returns in training mode.
 """
-from .fpn import (
-    EXTRA_BLOCKS, PRESET_DIR, FeatureBackbone, FPNBackbone, SemanticFPN, SemanticFPNHead, conv_norm_act, fpn_backbone,
-    list_presets, load_preset, semantic_fpn)
+from .backbones import EXTRA_BLOCKS, FeatureBackbone, FPNBackbone, fpn_backbone
+from .fpn import SemanticFPN, SemanticFPNHead, conv_norm_act, semantic_fpn
+from .presets import PRESET_DIR, list_presets, load_preset
 from .upernet import FCNHead, UperNet, UperNetHead, upernet
 
 __all__ = [

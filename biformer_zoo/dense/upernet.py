@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fpn import (
-    FeatureBackbone, _build_feature_backbone, _check_num_classes, _head_settings, _num_classes, _resolve_settings,
-    conv_norm_act)
+from .backbones import FeatureBackbone, build_feature_backbone
+from .fpn import check_num_classes, conv_norm_act
+from .presets import head_settings, preset_num_classes, resolve_settings
 
 __all__ = ['FCNHead', 'UperNet', 'UperNetHead', 'upernet']
 
@@ -67,7 +67,7 @@ class UperNetHead(nn.Module):
 
     def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512, dropout: float = 0.1):
         super().__init__()
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         if len(in_channels) < 2:
             raise ValueError(f'UperNetHead needs at least two input levels, got in_channels={list(in_channels)}')
         if channels < 1:
@@ -115,7 +115,7 @@ class FCNHead(nn.Module):
             norm_layer: type = nn.BatchNorm2d,
     ):
         super().__init__()
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         if num_convs < 1:
             raise ValueError(f'num_convs must be >= 1, got {num_convs}')
         self.in_channels = in_channels
@@ -224,12 +224,12 @@ def upernet(
         An ``UperNet``: (B, 3, H, W) images to (B, num_classes, H, W) logits; ``(logits, aux_logits)`` in training.
     """
     options = dict(frozen_stages=frozen_stages, norm_eval=norm_eval, extra_norm=extra_norm)
-    model_name, settings, kwargs, preset = _resolve_settings(name, 'segmentation', options, model_kwargs)
-    num_classes = _num_classes('upernet', name, num_classes, preset)
-    cfg = _head_settings(
+    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs)
+    num_classes = preset_num_classes('upernet', name, num_classes, preset)
+    cfg = head_settings(
         name, preset, 'UperNet', _HEAD_DEFAULTS,
         dict(channels=head_channels, dropout=dropout, aux_channels=aux_channels))
-    backbone = _build_feature_backbone(model_name, pretrained, settings, **kwargs)
+    backbone = build_feature_backbone(model_name, pretrained, settings, **kwargs)
     channels: List[int] = backbone.channels
     head = UperNetHead(channels, num_classes, channels=cfg['channels'], dropout=cfg['dropout'])
     aux = None

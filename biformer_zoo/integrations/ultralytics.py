@@ -46,9 +46,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from timm.layers import LayerNorm2d
 
-from ..blocks import AttentionBottleneck, C2fAttention, ConvBNAct
 from ..layers import (
-    BiLevelRoutingAttention, CrossScaleMerge, DepthwiseConv2d, DynamicPosBias, LSDAttention, StridedConv2d)
+    AttentionBottleneck, BiLevelRoutingAttention, C2fAttention, ConvBNAct, CrossScaleMerge, DepthwiseConv2d,
+    DynamicPosBias, LSDAttention, StridedConv2d)
+from ..layers.bra import RegionRouter
 
 try:
     import ultralytics
@@ -158,8 +159,8 @@ class CSM(CrossScaleMerge):
 
 # every class a checkpoint of these modules pickles, beyond torch.nn and Ultralytics' own
 SAFE_GLOBALS: Tuple[type, ...] = (
-    BRA, C2fBRA, C2fLSDA, CSM, C2fAttention, AttentionBottleneck, ConvBNAct, BiLevelRoutingAttention, LSDAttention,
-    DynamicPosBias, CrossScaleMerge, DepthwiseConv2d, StridedConv2d, LayerNorm2d,
+    BRA, C2fBRA, C2fLSDA, CSM, C2fAttention, AttentionBottleneck, ConvBNAct, BiLevelRoutingAttention, RegionRouter,
+    LSDAttention, DynamicPosBias, CrossScaleMerge, DepthwiseConv2d, StridedConv2d, LayerNorm2d,
 )
 
 

@@ -1,5 +1,6 @@
 """Reusable layers: each works on NCHW feature maps of any size, without the models."""
 from .bra import AttentionLePE, BiLevelRoutingAttention
+from .c2f import AttentionBottleneck, C2fAttention, ConvBNAct
 from .conv import DepthwiseConv2d, StridedConv2d
 from .embed import CrossScaleEmbed, CrossScaleMerge
 from .helpers import check_image_input

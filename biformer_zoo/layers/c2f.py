@@ -5,18 +5,19 @@ attention) and ``LSDAttention`` (CrossFormer's short/long-distance attention) ta
 default; ``CrossScaleEmbed`` / ``CrossScaleMerge`` (CrossFormer's multi-kernel embedding and downsampling) do so with
 ``channels_last=False``. ``C2fAttention`` puts one of the attentions into the C2f block of YOLOv8-style networks::
 
-    from biformer_zoo.blocks import C2fAttention
+    from biformer_zoo.layers import C2fAttention
     block = C2fAttention(256, 256, depth=1, attention='bra', num_heads=4, num_regions=8, topk=4)
     y = block(torch.randn(2, 256, 40, 40))  # (2, 256, 40, 40)
 """
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
-from .layers import BiLevelRoutingAttention, LSDAttention
-from .layers.helpers import check_feature_map, check_int_arg, parameter_dtype
+from .bra import BiLevelRoutingAttention
+from .lsda import LSDAttention
+from .helpers import check_feature_map, check_int_arg, parameter_dtype
 
 __all__ = ['ConvBNAct', 'AttentionBottleneck', 'C2fAttention', 'ATTENTIONS']
 
@@ -93,8 +94,6 @@ class C2fAttention(nn.Module):
         **attention_kwargs: Passed to the attention layers.
     """
 
-    in_chans: Optional[int] = None  # None in modules pickled before it was stored: their input is not checked
-
     def __init__(
             self,
             in_chans: int,
@@ -124,8 +123,7 @@ class C2fAttention(nn.Module):
         self.fuse_conv = conv_layer((2 + depth) * hidden, out_chans, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_chans is not None:
-            check_feature_map(x, self.in_chans, parameter_dtype(self.split_conv), None, 'C2fAttention', 'in_chans')
+        check_feature_map(x, self.in_chans, parameter_dtype(self.split_conv), None, 'C2fAttention', 'in_chans')
         parts = list(self.split_conv(x).chunk(2, dim=1))  # 2 x (B, hidden, H, W)
         for block in self.blocks:
             parts.append(block(parts[-1]))

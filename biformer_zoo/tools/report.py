@@ -1,9 +1,9 @@
 """Parameter and FLOP report for any timm model, with the papers' numbers (from the weights manifest) beside ours.
 
-FLOPs are counted by ``biformer_zoo.flops`` (fvcore's convention, attention included). What is still not counted
-(softmax, topk, elementwise ops, the scale/mask/softmax inside attention) is listed per model in
-``ModelProfile.uncounted_ops``. Tables render through ``biformer_zoo.tables``; names, sizes and model arguments are
-parsed by ``biformer_zoo.arguments`` (both re-exported here).
+FLOPs are counted by ``biformer_zoo.tools.flops`` (fvcore's convention, attention included). What is still not
+counted (softmax, topk, elementwise ops, the scale/mask/softmax inside attention) is listed per model in
+``ModelProfile.uncounted_ops``. Tables render through ``biformer_zoo.tools.tables``; names, sizes and model arguments
+are parsed by ``biformer_zoo.tools.arguments``.
 """
 import csv
 import io
@@ -16,16 +16,14 @@ import torch
 from timm.models import FeatureInfo
 from torch import nn
 
-from .arguments import create_model_for_size, parse_img_size, parse_model_args, resolve_model_names
+from .arguments import create_model_for_size, parse_img_size
 from .flops import ATTENTION_OPS, SDPA_UNCOUNTED, activation_analysis, flop_analysis
-from .tables import TextTable, print_rich_tables, progress_bar, tables_to_markdown
-from .weights import manifest_entries
+from .tables import TextTable, progress_bar, tables_to_markdown
+from ..weights import manifest_entries
 
 __all__ = [
     'ModelProfile', 'StageProfile', 'PaperNumbers', 'PAPER_NUMBERS', 'REPORT_SCHEMA_VERSION', 'REPORT_FORMATS',
-    'profile', 'profile_many', 'flop_analysis', 'activation_analysis', 'resolve_model_names', 'parse_img_size',
-    'parse_model_args', 'create_model_for_size', 'TextTable', 'report_tables', 'render_report', 'print_rich_tables',
-    'tables_to_markdown', 'progress_bar',
+    'profile', 'profile_many', 'report_tables', 'render_report',
 ]
 
 REPORT_SCHEMA_VERSION = 1

@@ -20,7 +20,7 @@ with warnings.catch_warnings():  # fvcore scripts a loss function at import, whi
     from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-from .layers.bra import count_routed
+from ..layers.bra import count_routed
 
 __all__ = [
     'ATTENTION_OPS', 'SDPA_UNCOUNTED', 'DATA_MOVEMENT_OPS', 'attention_flop_jit', 'attention_activation_jit',

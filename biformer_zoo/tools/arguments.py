@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import timm
 from torch import nn
 
-from .models import list_zoo_models
+from ..models import list_zoo_models
 
 __all__ = ['ImageSize', 'parse_img_size', 'parse_model_args', 'resolve_model_names', 'create_model_for_size']
 

@@ -9,13 +9,13 @@ from typing import Any, Dict, Optional, Sequence
 import timm
 import torch
 
-from ._version import __version__
-from .report import flop_analysis
-from .weights import (
+from .._version import __version__
+from .flops import flop_analysis
+from ..weights import (
     WEIGHTS_FILE, PathLike, PretrainedWeightsError, check_checkpoint_file, checkpoint_filter_of, find_manifest_entry,
     guess_architecture, layout_mismatch, load_manifest, load_official_checkpoint, manifest_entries,
     save_safetensors_reproducibly, sha256_file, update_manifest_entry)
-from .weights._progress import step
+from ..weights._progress import step
 
 __all__ = ['CONVERTED_FILES', 'ConversionResult', 'convert_checkpoint', 'push_to_hub']
 
