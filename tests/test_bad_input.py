@@ -270,7 +270,7 @@ def save_pickle_with_code(path: Path, legacy: bool = True) -> None:
     torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
 
 
-PARTIAL = r"the pretrained weights .* do not fit the model's backbone; tensors missing"
+PARTIAL = r"the pretrained weights .* do not fit the model; tensors missing"
 WEIGHTS = per_model(['biformer_tiny', 'crossformer_tiny'], [
     # a file of one unrelated tensor "loaded" wherever timm dropped the classifier and loaded with strict=False
     ('one-tensor-features', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: {'foo': torch.zeros(3)}),
@@ -295,7 +295,7 @@ WEIGHTS = per_model(['biformer_tiny', 'crossformer_tiny'], [
      PretrainedWeightsError, PARTIAL + r' \d+ \(stages\.2\.blocks\.1\.'),
     ('extra-tensor', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: dict(sd, extra=torch.ones(1))),
                                          pretrained_from(n, features_only=True)),
-     PretrainedWeightsError, r"do not fit the model's backbone; tensors unexpected 1 \(extra\)"),
+     PretrainedWeightsError, r"do not fit the model; tensors unexpected 1 \(extra\)"),
 ]) + [
     Case('legacy-pickle-with-code', with_file('w.pth', save_pickle_with_code, pretrained_from('biformer_tiny')),
          PretrainedWeightsError, r'needs code to unpickle \(official_layouts\.leave_marker\); .* refuses this file'),

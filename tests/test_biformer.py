@@ -5,7 +5,7 @@ import timm
 import torch
 
 import biformer_zoo  # noqa: F401
-from biformer_zoo.models.biformer import _map_official_key
+from biformer_zoo.models.biformer import checkpoint_filter_fn
 from official_layouts import save_official_checkpoint
 
 
@@ -36,9 +36,8 @@ def test_official_checkpoint_loads_strict(tmp_path, name, tag, layout):
     official = save_official_checkpoint(layout, path)
     model = timm.create_model(f'{name}.{tag}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = model.state_dict()
-    loaded = {k: v for k, v in official.items() if not k.endswith('num_batches_tracked')}
     # strict: every official tensor has a home and every model tensor was filled
-    mapped = {_map_official_key(k): v for k, v in loaded.items()}
+    mapped = checkpoint_filter_fn(dict(official), model)
     assert set(mapped) == {k for k in ours if not k.endswith('num_batches_tracked')}
     for key, value in mapped.items():
         torch.testing.assert_close(ours[key], value.reshape(ours[key].shape), rtol=0, atol=0, msg=key)

@@ -13,6 +13,7 @@ import timm
 import torch
 
 from biformer_zoo import cli, weights
+from biformer_zoo.models import checkpoint_filter_for
 from biformer_zoo.tools import convert
 from biformer_zoo.tools.convert import CONVERTED_FILES
 from official_layouts import (
@@ -166,7 +167,7 @@ def _differs_from_mapped_official(weights_file: Path, official: dict, name: str,
     """Keys whose tensor in the converted file is not the official tensor mapped by the family's filter."""
     with torch.device('meta'):
         model = timm.create_model(f'{name}.{tag}')
-    expected = weights.checkpoint_filter_of(model)(official, model)  # the family's filter, found the way convert does
+    expected = checkpoint_filter_for(model)(official, model)  # the family's filter, found the way convert does
     converted = safetensors.torch.load_file(str(weights_file))
     def keys(state: dict) -> set:
         return {k for k in state if not k.endswith('num_batches_tracked')}  # BatchNorm's counter is not a weight

@@ -10,7 +10,7 @@ import torch
 import biformer_zoo  # noqa: F401
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from biformer_zoo.layers.lsda import group_layout
-from biformer_zoo.models.crossformer import _OFFICIAL_BUFFERS, _map_official_key
+from biformer_zoo.models.crossformer import checkpoint_filter_fn
 from official_layouts import official_layout, save_official_checkpoint
 
 
@@ -173,7 +173,7 @@ def test_position_bias_cache_holds_only_small_biases(size, cached):
     layer = LSDAttention(32, 2, group_size=7, interval=8, long_distance=True).eval()
     with torch.no_grad():
         layer(torch.randn(1, 32, size, size))
-    assert len(layer._bias_cache) == int(cached)
+    assert layer.cached_position_biases == int(cached)
 
 
 def test_position_bias_cache_not_pickled_or_copied():
@@ -181,12 +181,12 @@ def test_position_bias_cache_not_pickled_or_copied():
     x = torch.randn(1, 32, 14, 14)
     with torch.no_grad():
         expected = layer(x)
-    assert layer._bias_cache
+    assert layer.cached_position_biases
     for copied in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):  # what torch.save(module) pickles
-        assert copied._bias_cache == {}
+        assert copied.cached_position_biases == 0
         with torch.no_grad():
             assert torch.equal(copied(x), expected)
-    assert layer._bias_cache  # the original keeps its own
+    assert layer.cached_position_biases  # the original keeps its own
 
 
 def test_position_bias_with_parameters_made_under_inference_mode():
@@ -198,7 +198,7 @@ def test_position_bias_with_parameters_made_under_inference_mode():
         layer.double()  # inference tensors: no version counter
     with torch.no_grad():
         assert torch.equal(layer(x), expected)
-    assert layer._bias_cache == {}
+    assert layer.cached_position_biases == 0
 
 
 def test_traces_agree_in_eval_without_autograd():
@@ -257,8 +257,8 @@ def test_cross_scale_channels_must_split():
 def test_official_layout_maps_onto_model(name, layout):
     with torch.device('meta'):
         model = timm.create_model(name)
-    mapped = {_map_official_key(k): shape for k, (shape, _) in official_layout(layout).items()
-              if not k.endswith(_OFFICIAL_BUFFERS)}
+    official = {k: torch.empty(shape, device='meta') for k, (shape, _) in official_layout(layout).items()}
+    mapped = {k: tuple(v.shape) for k, v in checkpoint_filter_fn(official, model).items()}
     assert mapped == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -268,7 +268,7 @@ def test_official_checkpoint_loads_strict(tmp_path, name, layout):
     official = save_official_checkpoint(layout, path)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = model.state_dict()
-    mapped = {_map_official_key(k): v for k, v in official.items() if not k.endswith(_OFFICIAL_BUFFERS)}
+    mapped = checkpoint_filter_fn(dict(official), model)
     assert set(mapped) == set(ours) and all(torch.equal(ours[k], v) for k, v in mapped.items())
 
 
@@ -398,7 +398,7 @@ def test_concurrent_calls_equal_serial_calls(tiny):
         serial = [model(x) for x in inputs]
     layers = [m for m in model.modules() if isinstance(m, LSDAttention)]
     for layer in layers:
-        layer._bias_cache = {}
+        layer.clear_position_bias_cache()
     results = [None] * len(inputs)
 
     def run(i):
@@ -410,7 +410,7 @@ def test_concurrent_calls_equal_serial_calls(tiny):
         t.start()
     for t in threads:
         t.join()
-    assert all(torch.equal(a, b) for a, b in zip(results, serial)) and all(layer._bias_cache for layer in layers)
+    assert all(torch.equal(a, b) for a, b in zip(results, serial)) and all(layer.cached_position_biases for layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -265,7 +265,7 @@ def test_two_eval_runs_bitwise_equal(reduced_models, name):
     model, fresh = reduced_models[name], copy.deepcopy(reduced_models[name])
     for layer in fresh.modules():
         if isinstance(layer, LSDAttention):
-            layer._bias_cache = {}
+            layer.clear_position_bias_cache()
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         first, second, uncached = model(x), model(x), fresh(x)
@@ -283,7 +283,7 @@ def test_four_threads_equal_serial_calls(reduced_models, name):
         serial = [model(x) for x in inputs]
     caching = [layer for layer in model.modules() if isinstance(layer, LSDAttention)]
     for layer in caching:
-        layer._bias_cache = {}
+        layer.clear_position_bias_cache()
     results = [None] * len(inputs)
     start = threading.Barrier(4)
 
@@ -299,7 +299,7 @@ def test_four_threads_equal_serial_calls(reduced_models, name):
     for t in threads:
         t.join()
     assert all(r is not None and torch.equal(r, s) for r, s in zip(results, serial))
-    assert all(layer._bias_cache for layer in caching)
+    assert all(layer.cached_position_biases for layer in caching)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ import safetensors.torch
 import timm
 import torch
 
-from biformer_zoo import cli, weights  # importing the package registers the models
+import biformer_zoo  # importing the package registers the models
+from biformer_zoo import cli, weights
 from biformer_zoo.tools import catalog, convert
-from biformer_zoo.models import list_zoo_models
+from biformer_zoo.models import checkpoint_filter_for, list_zoo_models
 from hub_utils import REPO_ROOT, add_to_hub_cache, run_python, serve_hub
 from official_layouts import OFFICIAL_LAYOUTS, TINY, save_official_checkpoint, synth_official_state_dict
 
@@ -103,7 +104,7 @@ def test_training_checkpoint_loads_through_overlay_file_like_convert(tiny_checkp
     official = weights.load_official_checkpoint(tiny_checkpoint)
     model = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_checkpoint)))
     expected = timm.create_model(TINY)
-    expected.load_state_dict(weights.checkpoint_filter_of(expected)(dict(official), expected))
+    expected.load_state_dict(checkpoint_filter_for(expected)(dict(official), expected))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
     assert model.pretrained_cfg.get('state_dict') is None
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in official.items()}
@@ -114,30 +115,35 @@ def test_training_checkpoint_loads_through_overlay_file_like_convert(tiny_checkp
 
 
 @pytest.mark.parametrize('name,tag,layout', [(TINY, 'in1k', TINY)] + OFFICIAL_LAYOUTS)
-def test_official_state_dict_loads_through_checkpoint_path_and_load_state_dict(tmp_path, name, tag, layout):
-    """timm's ``checkpoint_path=`` and a plain ``load_state_dict`` (also of a model holding ours under a prefix, as
-    a detector holds its backbone) take an official checkpoint's state dict as the pretrained path does."""
+def test_official_checkpoint_loads_through_checkpoint_path_and_load_checkpoint(tmp_path, name, tag, layout):
+    """``biformer_zoo.create_model(checkpoint_path=...)`` and timm's ``load_checkpoint`` with the family's filter take
+    an official checkpoint as the pretrained path does."""
     path = tmp_path / f'{layout}.pth'
-    official = save_official_checkpoint(layout, path)
-    official_keys = list(official)
+    save_official_checkpoint(layout, path)
     expected = timm.create_model(f'{name}.{tag}', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    from_path = timm.create_model(f'{name}.{tag}', checkpoint_path=str(path))
-    plain = timm.create_model(f'{name}.{tag}')
-    plain.load_state_dict(official)
-    holder = torch.nn.ModuleDict(dict(backbone=timm.create_model(f'{name}.{tag}'), neck=torch.nn.Linear(2, 2)))
-    neck = {'neck.weight': torch.ones(2, 2), 'neck.bias': torch.zeros(2)}
-    holder.load_state_dict(dict(neck, **{f'backbone.{k}': v for k, v in official.items()}))
-    assert list(official) == official_keys  # the caller's dict is left as it was
-    assert torch.equal(holder.neck.weight, neck['neck.weight'])
+    from_path = biformer_zoo.create_model(f'{name}.{tag}', checkpoint_path=str(path))
+    through_timm = timm.create_model(f'{name}.{tag}')
+    timm.models.load_checkpoint(through_timm, str(path), filter_fn=checkpoint_filter_for(through_timm))
     reference = expected.state_dict()
-    for model in (from_path, plain, holder.backbone):
+    for model in (from_path, through_timm):
         loaded = model.state_dict()
         assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], v) for k, v in reference.items())
 
 
-def test_official_nchw_state_dict_into_legacy_model_is_refused_by_load_state_dict():
-    with pytest.raises(RuntimeError, match='in1k_nchw'):
-        timm.create_model('biformer_stl').load_state_dict(synth_official_state_dict('biformer_stl_nchw'))
+@pytest.mark.parametrize('layout', [TINY, 'crossformer_tiny'])
+def test_load_state_dict_names_an_official_layout_and_the_ways_to_load_it(layout):
+    """``load_state_dict`` takes the model's own layout only, as timm's models do; an official one is named."""
+    name = 'crossformer_tiny' if layout.startswith('crossformer') else TINY
+    with pytest.raises(weights.PretrainedWeightsError, match=r"official checkpoint's layout: .*checkpoint_path="):
+        timm.create_model(name).load_state_dict(synth_official_state_dict(layout))
+
+
+def test_features_only_model_takes_a_checkpoint_path(tmp_path):
+    model = timm.create_model(TINY)
+    path = tmp_path / 'trained.pth'
+    torch.save({'model': model.state_dict()}, path)
+    features = biformer_zoo.create_model(TINY, features_only=True, out_indices=(1, 2), checkpoint_path=str(path))
+    assert torch.equal(features.model.stages[2].blocks[0].attn.qkv.weight, model.stages[2].blocks[0].attn.qkv.weight)
 
 
 def test_own_partial_state_dict_is_not_taken_for_an_official_one():

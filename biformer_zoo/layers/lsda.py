@@ -200,8 +200,8 @@ class LSDAttention(nn.Module):
     The position bias is computed once per call for the group shape in use. In eval mode with autograd off it is
     cached per (group shape, device, dtype, autocast dtype, parameter storage and version), so loading weights,
     optimizer steps and EMA updates all invalidate it; writes through ``.data`` bypass version counters, so after
-    those clear ``_bias_cache`` (or assign it ``{}``). Biases over 4 MiB (LDA across a whole detection-size map)
-    are recomputed instead of held.
+    those call ``clear_position_bias_cache()``. Biases over 4 MiB (LDA across a whole detection-size map) are
+    recomputed instead of held.
     """
 
     def __init__(
@@ -263,6 +263,17 @@ class LSDAttention(nn.Module):
         state = super().__getstate__()
         state['_bias_cache'] = {}
         return state
+
+    @torch.jit.unused
+    def clear_position_bias_cache(self) -> None:
+        """Forget the cached position biases (needed only after weights were written through ``.data``)."""
+        self._bias_cache = {}
+
+    @property
+    @torch.jit.unused
+    def cached_position_biases(self) -> int:
+        """How many position biases the eval-mode cache holds."""
+        return len(self._bias_cache)
 
     def compute_position_bias(self, group_h: int, group_w: int) -> torch.Tensor:
         """(num_heads, N, N) bias for a ``group_h x group_w`` group, N = group_h * group_w."""

@@ -1,37 +1,29 @@
-"""The timm model contract shared by both families: a stem, four stages, a final norm and a classifier head;
-the checks of the arguments both take, their ``_create_*`` plumbing and the pretrained cfg keys they share."""
+"""The timm model contract shared by both families: a stem, four stages, a final norm and a classifier head, and
+the checks of the arguments both take.
+
+``load_state_dict`` takes the model's own layout only, as timm's models do: a strict load is checked first
+(``weights.check_state_dict``), so that a mismatch, an integer tensor where a float one belongs or a NaN is refused
+in the words of every other load path, and an official checkpoint's state dict is named as such with the ways that
+map it (``biformer_zoo.create_model(..., checkpoint_path=...)``, ``pretrained_cfg_overlay=dict(file=...)``,
+``biformer-zoo convert``, or ``timm.models.load_checkpoint(model, path, filter_fn=checkpoint_filter_fn)``). It does
+not rename official keys itself: a load that silently rewrites keys hides which layout a file has, and would have to
+guess inside any larger model holding this one.
+"""
 import numbers
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, get_arch_pretrained_cfgs
+from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
 from ..layers import check_image_input
 from ..layers.helpers import check_int_arg, parameter_dtype
-from ..weights import check_pretrained_state_dict, checkpoint_filter_of, prepare_pretrained, release_loaded_state_dict
+from ..weights import check_state_dict
 
 MIN_INPUT_SIZE = 32  # both families: the stride-32 stages need at least one pixel of the last map
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax')
-
-
-class UnknownModelError(ValueError, RuntimeError):
-    """An unknown model name or pretrained tag. A ``ValueError``; also a ``RuntimeError``, which timm raises for
-    these, so code written against timm keeps catching it."""
-
-
-def check_pretrained_tag(architecture: str, tag: Any) -> None:
-    """Raise ``UnknownModelError`` naming the registered tags when ``tag`` (from ``'name.tag'``) is not one."""
-    if not isinstance(tag, str) or not tag:
-        return  # no tag, or a full pretrained_cfg dict (hf-hub:, local-dir:)
-    tags = [name.split('.', 1)[1] for name in get_arch_pretrained_cfgs(architecture)]
-    if tag not in tags:
-        raise UnknownModelError(
-            f'unknown pretrained tag {tag!r} for {architecture}; its tags are {", ".join(tags) or "none"}. '
-            f'Use one of them (e.g. {architecture}.{tags[0] if tags else "<tag>"}) or leave the tag out')
 
 
 def check_rate(name: str, value: Any) -> None:
@@ -58,69 +50,6 @@ def check_head_args(num_classes: int, global_pool: str) -> None:
                          f"num_classes=0 with it, or a pooling type ({', '.join(map(repr, POOL_TYPES))})")
 
 
-def create_pyramid_model(model_cls: Type['PyramidModel'], variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    """Each family's ``_create_*``: check the pretrained tag, resolve and check the weights
-    (``weights.prepare_pretrained``), refuse an ``output_stride`` other than 32 and out-of-range ``out_indices``, turn
-    ``img_size`` into the pretrained cfg's ``input_size``, then ``build_model_with_cfg``, loading pretrained weights
-    through the family's checkpoint filter and refusing a file that would load only in part."""
-    check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
-    if kwargs.get('features_only') and kwargs.get('out_indices') is not None:  # before timm's wrappers assert
-        depths = kwargs.get('depths')
-        take_indices_of(len(depths) if hasattr(depths, '__len__') else 4, kwargs['out_indices'])
-    kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
-    model = build_model_with_cfg(
-        model_cls, variant, pretrained,
-        pretrained_filter_fn=_checked_pretrained_filter,
-        # flatten_sequential: timm's 'list'/'dict' wrappers then find the stages by their feature_info names
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter', flatten_sequential=True),
-        **kwargs)
-    return release_loaded_state_dict(model)
-
-
-def _checked_pretrained_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm's ``pretrained_filter_fn``: map an official layout with the family's filter, then check that the weights
-    cover the whole backbone (``weights.check_pretrained_state_dict``)."""
-    state_dict = checkpoint_filter_of(model)(state_dict, model)
-    check_pretrained_state_dict(state_dict, model)
-    return state_dict
-
-
-def pyramid_cfg(**kwargs: Any) -> Dict[str, Any]:
-    """The pretrained cfg keys both families share (224 px ImageNet-1k classifiers that take any size), then the
-    family's own (``first_conv``, paper, origin, notes, ...)."""
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE), 'fixed_input_size': False,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'classifier': 'head.fc', 'license': 'mit',
-        **kwargs,
-    }
-
-
-def apply_img_size(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Turn an ``img_size`` argument into the pretrained cfg's ``input_size``: the models take any size, so it only
-    describes the preferred input (as for timm models with a fixed size), with ``in_chans`` channels."""
-    img_size = kwargs.pop('img_size', None)
-    if img_size is None:
-        return kwargs
-    size = (img_size, img_size) if isinstance(img_size, numbers.Integral) else tuple(img_size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < MIN_INPUT_SIZE
-                             for s in size):
-        raise ValueError(f'img_size must be an int or an (H, W) pair of ints >= {MIN_INPUT_SIZE}, got {img_size!r}; '
-                         f'the models take any size of at least {MIN_INPUT_SIZE} pixels')
-    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    overlay['input_size'] = (kwargs.get('in_chans', 3),) + size
-    return dict(kwargs, pretrained_cfg_overlay=overlay)
-
-
-def pretrained_tag(cfg: Any) -> Optional[str]:
-    """The tag of a ``pretrained_cfg`` argument: a tag string (from 'name.tag'), a dict or a timm PretrainedCfg."""
-    if cfg is None or isinstance(cfg, str):
-        return cfg
-    return cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
-
-
 def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
     """timm's ``feature_take_indices`` with a ``ValueError`` (not an assertion) for stages that do not exist."""
     if isinstance(indices, int):
@@ -135,30 +64,6 @@ def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -
             raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
                              f'{num_stages - 1}, or negative from the end)')
     return feature_take_indices(num_stages, indices)
-
-
-def check_output_stride(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Accept ``output_stride`` only as the models' own 32 (no dilated variants)."""
-    output_stride = kwargs.pop('output_stride', None)
-    if output_stride not in (None, 32):
-        raise ValueError(f'output_stride={output_stride} is not supported: the models always downsample by 32 '
-                         f'(strides 4, 8, 16, 32); take an earlier stage with out_indices instead')
-    return kwargs
-
-
-def _map_official_layout(
-        model: nn.Module,
-        state_dict: Dict[str, Any],
-        prefix: str,
-        *unused: Any,
-) -> None:
-    """``load_state_dict`` pre-hook: rename the keys of an official checkpoint's state dict (recognised by
-    ``model.official_key_prefixes``) with the family's ``checkpoint_filter_fn``, in place; others pass untouched."""
-    keys = [k for k in state_dict if k.startswith(prefix)]
-    if not any(k[len(prefix):].startswith(model.official_key_prefixes) for k in keys):
-        return
-    official = {k[len(prefix):]: state_dict.pop(k) for k in keys}
-    state_dict.update((prefix + k, v) for k, v in checkpoint_filter_of(model)(official, model).items())
 
 
 class PyramidStage(nn.Module):
@@ -180,8 +85,7 @@ class PyramidModel(nn.Module):
     Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of stages, each with ``downsample`` and ``blocks``
     and a ``grad_checkpointing`` flag), ``norm``, ``head`` (a timm ``ClassifierHead``) and ``feature_info``, and call
     ``set_head_settings`` (which checks the shared arguments and sets ``in_chans``, ``num_classes``, ... for timm).
-    The family registers its ``checkpoint_filter_fn`` with ``weights.register_checkpoint_filter``; the class names the
-    key prefixes of the official layout.
+    The class names the key prefixes of the official layout, so that ``load_state_dict`` can say what it was given.
 
     Every family takes ``in_chans`` (input image channels), ``num_classes`` (classifier outputs; 0 for no
     classifier), ``global_pool`` ('avg', 'max', 'avgmax', 'catavgmax', or '' for no pooling, only with
@@ -192,11 +96,18 @@ class PyramidModel(nn.Module):
     min_input_size: int
     official_key_prefixes: Tuple[str, ...] = ()  # top-level key names that only official checkpoints use
 
-    def __init__(self) -> None:
-        super().__init__()
-        # official checkpoints then load wherever a state dict does: timm's checkpoint_path=, load_state_dict,
-        # and a larger model holding this one under a prefix
-        self.register_load_state_dict_pre_hook(_map_official_layout)
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``strict=True`` the state dict is checked first and a misfit raises
+        ``PretrainedWeightsError`` naming what is missing, unexpected, of another shape or kind, or not finite."""
+        if strict:
+            official = any(k.startswith(self.official_key_prefixes) for k in state_dict)
+            check_state_dict(
+                dict(state_dict), self, 'the state dict given to load_state_dict',
+                fix='It is an official checkpoint\'s layout: load the file with biformer_zoo.create_model(name, '
+                    'checkpoint_path=...), or map it with the family\'s checkpoint_filter_fn(state_dict, model) first.'
+                if official else 'Load weights of this architecture and configuration, or pass strict=False to load '
+                                 'what fits.')
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def set_head_settings(self, in_chans: int, num_classes: int, global_pool: str, drop_rate: float,
                           drop_path_rate: float, num_features: int) -> None:

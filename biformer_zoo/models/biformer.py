@@ -24,9 +24,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
 from ..layers.helpers import check_int_arg
-from ..weights import register_checkpoint_filter
-from ._pyramid import (
-    PyramidModel, PyramidStage, check_per_stage, create_pyramid_model, pretrained_tag, pyramid_cfg)
+from ._builder import create_pyramid_model, map_official_state_dict, pretrained_cfgs, pretrained_tag
+from ._pyramid import PyramidModel, PyramidStage, check_per_stage
 
 __all__ = ['BiFormer']
 
@@ -227,8 +226,6 @@ def _map_official_key(key: str) -> str:
         # mlp: T/S/B use Sequential(fc, Identity, GELU, fc), STL Sequential(fc, GELU, fc)
         rest = rest.replace('.mlp.0.', '.mlp.fc1.').replace('.mlp.3.', '.mlp.fc2.').replace('.mlp.2.', '.mlp.fc2.')
         return f'stages.{stage}.{rest}'
-    if key.startswith('head.'):
-        return 'head.fc.' + key[len('head.'):]
     return key
 
 
@@ -237,7 +234,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
 
     Our own layout (e.g. converted Hub weights) passes through unchanged.
     """
-    state_dict = state_dict.get('model', state_dict)
     if 'stem.0.weight' in state_dict:
         return state_dict
     is_nchw = any('.attn.qkv_linear.' in k for k in state_dict)
@@ -247,19 +243,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
             "last stage; create the model as 'biformer_stl.in1k_nchw' (or pass global_lepe_on_value=True)"
             if is_nchw else "legacy layout, which applies LePE to the input in the last stage; create the model "
             "without global_lepe_on_value (e.g. 'biformer_stl.in1k')"))
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith('num_batches_tracked'):
-            continue
-        key = _map_official_key(key)
+    out = map_official_state_dict(state_dict, _map_official_key, drop_suffixes=('num_batches_tracked',))
+    for key, value in out.items():
         if value.ndim == 4 and value.shape[-2:] == (1, 1) and ('.attn.' in key or '.mlp.' in key) \
                 and '.lepe.' not in key:
-            value = value.flatten(1)  # nchw layout: 1x1 convs -> linear
-        out[key] = value
+            out[key] = value.flatten(1)  # nchw layout: 1x1 convs -> linear
     return out
-
-
-register_checkpoint_filter(BiFormer, checkpoint_filter_fn)
 
 
 def _global_lepe_on_value(model: nn.Module) -> bool:
@@ -269,29 +258,10 @@ def _global_lepe_on_value(model: nn.Module) -> bool:
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs: Any) -> BiFormer:
     if pretrained_tag(kwargs.get('pretrained_cfg')) == 'in1k_nchw':
         kwargs.setdefault('global_lepe_on_value', True)
-    return create_pyramid_model(BiFormer, variant, pretrained, **kwargs)
+    return create_pyramid_model(BiFormer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(name_tag: str, official_file: str, official_url: str, **kwargs: Any) -> Dict[str, Any]:
-    return pyramid_cfg(
-        first_conv='stem.0', hf_hub_id=f'biformer-zoo/{name_tag}',
-        paper_ids='arXiv:2303.08810', paper_name='BiFormer: Vision Transformer with Bi-Level Routing Attention',
-        origin_url='https://github.com/rayleizhu/BiFormer',
-        notes=(f'converted from the official release {official_file}, {official_url}',),
-        **kwargs)
-
-
-def _onedrive(share_id: str) -> str:
-    return f'https://api.onedrive.com/v1.0/shares/{share_id}/root/content'
-
-
-default_cfgs = generate_default_cfgs({name_tag: _cfg(name_tag, *source) for name_tag, source in {
-    'biformer_tiny.in1k': ('biformer_tiny_in1k.pth', _onedrive('s!AkBbczdRlZvChHEOoGkgwgQzEDlM')),
-    'biformer_small.in1k': ('biformer_small_in1k.pth', _onedrive('s!AkBbczdRlZvChHDyM-x9KWRBZ832')),
-    'biformer_base.in1k': ('biformer_base_in1k.pth', _onedrive('s!AkBbczdRlZvChHI_XPhoadjaNxtO')),
-    'biformer_stl.in1k': ('biformer_stl_in1k.pth', _onedrive('s!AkBbczdRlZvChSf-m7ujkvx9lIQ1')),
-    'biformer_stl.in1k_nchw': ('biformer_stl_nchw_in1k.pth', _onedrive('s!AkBbczdRlZvChWYrKbWbMgqd2Ai0')),
-}.items()})
+default_cfgs = generate_default_cfgs(pretrained_cfgs(('biformer',), first_conv='stem.0'))
 
 
 @register_model

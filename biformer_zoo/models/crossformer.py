@@ -26,9 +26,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from ..layers.helpers import check_int_arg
-from ..weights import register_checkpoint_filter
-from ._pyramid import (
-    PyramidModel, PyramidStage, check_per_stage, check_rate, create_pyramid_model, pyramid_cfg)
+from ._builder import create_pyramid_model, map_official_state_dict, pretrained_cfgs
+from ._pyramid import PyramidModel, PyramidStage, check_per_stage, check_rate
 
 __all__ = ['CrossFormer']
 
@@ -217,8 +216,6 @@ def _map_official_key(key: str) -> str:
         if rest.startswith('downsample.'):  # the official merge closes stage i, ours opens stage i + 1
             return f'stages.{int(stage) + 1}.{rest}'
         return f'stages.{stage}.{rest}'
-    if key.startswith('head.'):
-        return 'head.fc.' + key[len('head.'):]
     return key
 
 
@@ -228,51 +225,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
     Handles the ``main`` branch layout and the old ``crossformer`` branch one (which also holds the derived buffers
     ``attn.biases`` and ``attn.relative_position_index``, dropped here). Our own layout passes through unchanged.
     """
-    state_dict = state_dict.get('model', state_dict)
     if 'stem.projs.0.weight' in state_dict:
         return state_dict
-    return {_map_official_key(k): v for k, v in state_dict.items() if not k.endswith(_OFFICIAL_BUFFERS)}
-
-
-register_checkpoint_filter(CrossFormer, checkpoint_filter_fn)
+    return map_official_state_dict(state_dict, _map_official_key, drop_suffixes=_OFFICIAL_BUFFERS)
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
-    return create_pyramid_model(CrossFormer, variant, pretrained, **kwargs)
+    return create_pyramid_model(CrossFormer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(official_file: str = '', official_url: str = '', plus: bool = False, **kwargs: Any) -> Dict[str, Any]:
-    paper = ('arXiv:2303.06908', 'CrossFormer++: A Versatile Vision Transformer Hinging on Cross-scale Attention') \
-        if plus else ('arXiv:2108.00154', 'CrossFormer: A Versatile Vision Transformer Based on Cross-scale Attention')
-    branch = 'main' if plus else 'crossformer'
-    return pyramid_cfg(
-        first_conv=('stem.projs.0', 'stem.projs.1', 'stem.projs.2', 'stem.projs.3'),
-        paper_ids=paper[0], paper_name=paper[1], origin_url='https://github.com/cheerss/CrossFormer',
-        notes=(f'converted from the official release {official_file} ({branch} branch), {official_url}',),
-        **kwargs)
-
-
-def _gdrive(file_id: str) -> str:
-    return f'https://drive.google.com/file/d/{file_id}/view?usp=sharing'
-
-
-def _baidu(share_id: str) -> str:
-    return f'https://pan.baidu.com/s/{share_id}?pwd=crsf'
-
-
-_official_cfgs = {
-    'crossformer_tiny.in1k': _cfg('CrossFormer-T', _gdrive('1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq')),
-    'crossformer_small.in1k': _cfg('CrossFormer-S', _gdrive('1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8')),
-    'crossformer_base.in1k': _cfg('CrossFormer-B', _gdrive('1bK8biVCi17nz_nkt7rBfio_kywUpllSU')),
-    'crossformer_large.in1k': _cfg('CrossFormer-L', _gdrive('1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG')),
-    'crossformerpp_small.in1k': _cfg('CrossFormer++-S', _baidu('1smc_kRoogd0Ig5vfqwuGTA'), plus=True),
-    'crossformerpp_base.in1k': _cfg('CrossFormer++-B', _baidu('13XVP0ebtNcyRMmkl11ALYg'), plus=True),
-    'crossformerpp_large.in1k': _cfg('CrossFormer++-L', _baidu('1xtPh-ndcOxRM7fPYYxIIRg'), plus=True),
-    # the official README links CrossFormer++-H to the same share as CrossFormer++-L
-    'crossformerpp_huge.in1k': _cfg('CrossFormer++-H', _baidu('1xtPh-ndcOxRM7fPYYxIIRg'), plus=True),
-}
-default_cfgs = generate_default_cfgs({
-    name: dict(cfg, hf_hub_id=f'biformer-zoo/{name}') for name, cfg in _official_cfgs.items()})
+default_cfgs = generate_default_cfgs(pretrained_cfgs(
+    ('crossformer', 'crossformerpp'), first_conv=('stem.projs.0', 'stem.projs.1', 'stem.projs.2', 'stem.projs.3')))
 
 _CROSSFORMER = dict(group_size=7, interval=(8, 4, 2, 1), group_rule='crossformer')
 _CROSSFORMERPP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), group_rule='crossformerpp', cooling_layers=True)

@@ -12,10 +12,12 @@ import torch
 from .._version import __version__
 from .flops import flop_analysis
 from ..weights import (
-    WEIGHTS_FILE, PathLike, PretrainedWeightsError, check_checkpoint_file, checkpoint_filter_of, find_manifest_entry,
-    guess_architecture, layout_mismatch, load_manifest, load_official_checkpoint, manifest_entries,
+    WEIGHTS_FILE, PathLike, PretrainedWeightsError, check_checkpoint_file, find_manifest_entry, load_manifest,
+    load_official_checkpoint, manifest_entries,
     save_safetensors_reproducibly, sha256_file, update_manifest_entry)
 from ..weights._progress import step
+from ..models import checkpoint_filter_for
+from .layouts import guess_architecture, layout_mismatch
 
 __all__ = ['CONVERTED_FILES', 'ConversionResult', 'convert_checkpoint', 'push_to_hub']
 
@@ -222,7 +224,7 @@ def convert_checkpoint(
     with step(f'mapping onto {model_tag} and loading strictly', progress):
         model = timm.create_model(model_tag).eval()
         try:
-            mapped = checkpoint_filter_of(model)(official, model)
+            mapped = checkpoint_filter_for(model)(official, model)
         except (RuntimeError, KeyError, ValueError) as e:
             raise ValueError(f'{checkpoint} cannot be mapped onto {model_tag}: {e}') from None
         problems = layout_mismatch(mapped, model)

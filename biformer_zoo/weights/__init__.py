@@ -1,27 +1,21 @@
-"""Pretrained weights: the manifest, weight files and their checks, official checkpoints, and ``pretrained=True``.
-
-Depends on ``layers``-level code only (timm, torch, huggingface_hub): it knows no model; each model family registers
-its checkpoint filter here (``register_checkpoint_filter``).
-"""
+"""Pretrained weights: the manifest, weight files and their checks, checkpoint files, and the Hub download behind
+``pretrained=True``. It knows no model class: the models hand it their state dicts to check and their pretrained cfgs
+to resolve to a local file."""
+from .checks import check_pretrained_state_dict, check_state_dict
 from .files import (
     PretrainedWeightsError, cache_paths_hint, check_weights_file, read_safetensors_header,
     save_safetensors_reproducibly, sha256_file)
 from .manifest import (
     MANIFEST_PATH, STATUSES, WEIGHTS_FILE, PathLike, dump_manifest, find_manifest_entry, load_manifest,
-    manifest_entries, manifest_pretrained_cfg, split_hub_id, update_manifest_entry)
-from .official import (
-    CheckpointFilter, check_checkpoint_file, checkpoint_filter_of, guess_architecture, layout_mismatch,
-    load_official_checkpoint, register_checkpoint_filter)
-from .pretrained import (
-    cached_weights_path, check_pretrained_state_dict, convert_command, download_weights, prepare_pretrained,
-    pretrained_table, release_loaded_state_dict)
+    manifest_entries, manifest_pretrained_cfg, manifest_pretrained_cfgs, split_hub_id, update_manifest_entry)
+from .official import EMA_KEYS, check_checkpoint_file, load_official_checkpoint, reading_checkpoints
+from .pretrained import cached_weights_path, convert_command, download_weights, pretrained_weights_file
 
 __all__ = [
-    'PretrainedWeightsError', 'cache_paths_hint', 'check_weights_file', 'read_safetensors_header',
-    'save_safetensors_reproducibly', 'sha256_file', 'MANIFEST_PATH', 'STATUSES', 'WEIGHTS_FILE', 'PathLike',
-    'dump_manifest', 'find_manifest_entry', 'load_manifest', 'manifest_entries', 'manifest_pretrained_cfg',
-    'split_hub_id', 'update_manifest_entry', 'CheckpointFilter', 'check_checkpoint_file', 'checkpoint_filter_of',
-    'guess_architecture', 'layout_mismatch', 'load_official_checkpoint', 'register_checkpoint_filter',
-    'cached_weights_path', 'check_pretrained_state_dict', 'convert_command', 'download_weights', 'prepare_pretrained',
-    'pretrained_table', 'release_loaded_state_dict',
+    'check_pretrained_state_dict', 'check_state_dict', 'PretrainedWeightsError', 'cache_paths_hint',
+    'check_weights_file', 'read_safetensors_header', 'save_safetensors_reproducibly', 'sha256_file', 'MANIFEST_PATH',
+    'STATUSES', 'WEIGHTS_FILE', 'PathLike', 'dump_manifest', 'find_manifest_entry', 'load_manifest',
+    'manifest_entries', 'manifest_pretrained_cfg', 'manifest_pretrained_cfgs', 'split_hub_id', 'update_manifest_entry', 'EMA_KEYS',
+    'check_checkpoint_file', 'load_official_checkpoint', 'reading_checkpoints', 'cached_weights_path',
+    'convert_command', 'download_weights', 'pretrained_weights_file',
 ]

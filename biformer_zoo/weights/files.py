@@ -58,7 +58,7 @@ def read_safetensors_header(path: PathLike) -> Tuple[Dict[str, Dict[str, Any]], 
         metadata = table.pop('__metadata__', None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError(f'__metadata__ must map strings to strings, got {str(metadata)[:80]}')
-        data_end = max((int(t['data_offsets'][1]) for t in table.values()), default=0)
+        data_end = _check_data_offsets(table)
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise ValueError(f'its header is not a valid safetensors header ({type(e).__name__}: {e})') from None
     expected = 8 + header_len + data_end
@@ -67,6 +67,34 @@ def read_safetensors_header(path: PathLike) -> Tuple[Dict[str, Dict[str, Any]], 
             f'it is truncated: the header describes {expected:,} bytes, the file has {size:,}' if size < expected
             else f'it has {size - expected:,} bytes after the last tensor the header describes')
     return table, metadata
+
+
+# bytes per element of the safetensors dtypes
+_DTYPE_BYTES = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E5M2': 1, 'F8_E4M3': 1, 'I16': 2, 'U16': 2, 'F16': 2, 'BF16': 2,
+                'I32': 4, 'U32': 4, 'F32': 4, 'I64': 8, 'U64': 8, 'F64': 8}
+
+
+def _check_data_offsets(table: Dict[str, Any]) -> int:
+    """The end of the tensor data a safetensors header describes; ``ValueError`` where tensors overlap, leave holes
+    or have a byte size their dtype and shape do not give (the format's own rules)."""
+    spans = []
+    for name, info in table.items():
+        begin, end = (int(offset) for offset in info['data_offsets'])
+        numel = 1
+        for size in info['shape']:
+            numel *= int(size)
+        expected = numel * _DTYPE_BYTES.get(info['dtype'], 0)
+        if not 0 <= begin <= end or (info['dtype'] in _DTYPE_BYTES and end - begin != expected):
+            raise ValueError(f'tensor {name!r} has data offsets [{begin}, {end}] but its dtype {info["dtype"]} and '
+                             f'shape {info["shape"]} take {expected} bytes')
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise ValueError(f'tensor {name!r} starts at byte {begin} of the data, not at {position}: the tensors '
+                             f'{"overlap" if begin < position else "leave a gap"}')
+        position = end
+    return position
 
 
 def save_safetensors_reproducibly(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> None:

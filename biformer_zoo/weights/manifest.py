@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 __all__ = [
     'MANIFEST_PATH', 'WEIGHTS_FILE', 'STATUSES', 'PathLike', 'load_manifest', 'manifest_entries', 'find_manifest_entry',
-    'manifest_pretrained_cfg', 'dump_manifest', 'update_manifest_entry', 'split_hub_id']
+    'manifest_pretrained_cfg', 'manifest_pretrained_cfgs', 'dump_manifest', 'update_manifest_entry', 'split_hub_id']
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / 'weights_manifest.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -54,16 +54,29 @@ def find_manifest_entry(
 
 
 def manifest_pretrained_cfg(architecture: str, tag: str) -> Dict[str, Any]:
-    """The pretrained-cfg fields the manifest fixes for ``architecture.tag``, as timm's ``_cfg`` dicts spell them."""
+    """The pretrained-cfg fields the manifest fixes for ``architecture.tag``, as timm's ``_cfg`` dicts spell them:
+    the Hub repo, classes, license, evaluation preprocessing, the paper and the official file it is converted from."""
     entry = find_manifest_entry(architecture, tag)
     if entry is None:
         raise ValueError(f"'{architecture}.{tag}' is not in the weights manifest {MANIFEST_PATH}")
+    family = load_manifest()['families'][entry['family']]
     prep = entry['preprocessing']
+    source = entry['sources'][0]
     return dict(
         hf_hub_id=entry['hf_hub_id'], num_classes=entry['num_classes'], license=entry['license'],
         input_size=tuple(prep['input_size']), crop_pct=prep['crop_pct'], crop_mode=prep['crop_mode'],
         interpolation=prep['interpolation'], mean=tuple(prep['mean']), std=tuple(prep['std']),
+        paper_ids=family['paper_url'].replace('https://arxiv.org/abs/', 'arXiv:'), paper_name=family['paper'],
+        origin_url=family['code_url'],
+        notes=(f"converted from the official release {source['file_name'] or architecture}, {source['url']}",),
     )
+
+
+def manifest_pretrained_cfgs(families: Tuple[str, ...]) -> Dict[str, Dict[str, Any]]:
+    """``manifest_pretrained_cfg`` of every manifest entry of ``families``, keyed ``'architecture.tag'`` in manifest
+    order: what a model family passes to timm's ``generate_default_cfgs``."""
+    return {f"{e['architecture']}.{e['tag']}": manifest_pretrained_cfg(e['architecture'], e['tag'])
+            for e in manifest_entries() if e['family'] in families}
 
 
 def dump_manifest(manifest: Dict[str, Any]) -> str:

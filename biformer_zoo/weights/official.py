@@ -1,39 +1,37 @@
-"""Official checkpoints: safe loading (``torch.load(weights_only=True)``), the state dict inside them, and the
-checkpoint filters each model family registers to map official key layouts onto its own."""
+"""Checkpoint files: safe loading (``torch.load(weights_only=True)``), the state dict inside a training checkpoint
+(the EMA rule), and one message for a file that cannot be read.
+
+The EMA rule, the same on every path (``pretrained_cfg_overlay=dict(file=...)``, ``checkpoint_path=``,
+``biformer-zoo convert``) and the same as timm's own loaders: a checkpoint that holds EMA weights
+(``state_dict_ema`` or ``model_ema``) gives those; otherwise ``model``, then ``state_dict``, then the checkpoint
+itself. ``use_ema=False`` (``convert --no-ema``) takes ``model``/``state_dict`` even where EMA weights are there.
+"""
 import argparse
+import contextlib
 import pathlib
 import pickle
 import re
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, Iterator, List
 
-import timm
 import torch
+from safetensors import SafetensorError
 
-from .files import read_safetensors_header
+from .files import PretrainedWeightsError, read_safetensors_header
 from .manifest import PathLike
 
-__all__ = [
-    'CheckpointFilter', 'check_checkpoint_file', 'load_official_checkpoint', 'register_checkpoint_filter',
-    'checkpoint_filter_of', 'layout_mismatch', 'guess_architecture']
+__all__ = ['check_checkpoint_file', 'load_official_checkpoint', 'reading_checkpoints', 'EMA_KEYS']
 
 # Classes allowed inside official training checkpoints besides tensors: attribute bags that run no code when unpickled.
 _SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath]
-
-CheckpointFilter = Callable[[Dict[str, torch.Tensor], torch.nn.Module], Dict[str, torch.Tensor]]
-_CHECKPOINT_FILTERS: Dict[type, CheckpointFilter] = {}
+EMA_KEYS = ('state_dict_ema', 'model_ema')
 
 
-def register_checkpoint_filter(model_class: type, filter_fn: CheckpointFilter) -> None:
-    """Record the function that maps official checkpoints onto ``model_class`` (each family registers its own)."""
-    _CHECKPOINT_FILTERS[model_class] = filter_fn
-
-
-def _state_dict_of(checkpoint: Any, path: PathLike, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside an official checkpoint (under 'model' or 'state_dict', or the checkpoint itself);
-    with ``prefer_ema`` EMA weights ('state_dict_ema', 'model_ema') first, as timm's ``load_state_dict`` does."""
+def _state_dict_of(checkpoint: Any, path: PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint, by the EMA rule (module docstring)."""
     if isinstance(checkpoint, dict):
-        for key in ('state_dict_ema', 'model_ema', 'model', 'state_dict')[0 if prefer_ema else 2:]:
+        for key in (EMA_KEYS if use_ema else ()) + ('model', 'state_dict'):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint = checkpoint[key]
                 break
@@ -69,45 +67,69 @@ def check_checkpoint_file(path: PathLike) -> None:
             f'file looks like this')
 
 
-def load_official_checkpoint(path: PathLike, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The state dict of an official ``.pth`` checkpoint, loaded with ``torch.load(weights_only=True)``.
+def load_official_checkpoint(path: PathLike, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file (an official ``.pth``, loaded with ``torch.load(weights_only=True)``, or a
+    ``.safetensors`` file), by the EMA rule of this module.
 
     Training metadata that runs no code (``argparse.Namespace`` args, paths) is allowed; a pickle that needs any
     other code is refused with a ``ValueError`` naming the classes it asks for, and a damaged file with a
-    ``ValueError`` saying so. ``.safetensors`` files are read as they are.
+    ``ValueError`` saying so.
     """
     path = Path(path)
     check_checkpoint_file(path)
-    damaged = (f'{path} is not a readable checkpoint ({{}}); the download may be corrupt or truncated, download it '
-               f'again')
     if path.suffix == '.safetensors':
         try:
             read_safetensors_header(path)
         except ValueError as e:
-            raise ValueError(damaged.format(e)) from None
+            raise ValueError(_DAMAGED.format(path=path, problem=e)) from None
         import safetensors.torch
-        return _state_dict_of(safetensors.torch.load_file(str(path)), path, prefer_ema)
+        return _state_dict_of(safetensors.torch.load_file(str(path)), path, use_ema)
     try:
         with torch.serialization.safe_globals(_SAFE_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        needed = _unsafe_globals(path, str(e))
-        if not needed and 'Unsupported operand' in str(e):
-            raise ValueError(
-                f'{path} is a pickle that torch.load(weights_only=True) cannot read (it uses pickle operations a '
+    except Exception as e:  # weights_only unpickling runs no code: a failure is a refusal or a damaged file
+        raise ValueError(_read_error_message(path, e)) from None
+    return _state_dict_of(checkpoint, path, use_ema)
+
+
+_DAMAGED = '{path} is not a readable checkpoint ({problem}); the download may be corrupt or truncated, download it again'
+
+
+def _read_error_message(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` of ``path`` failed, and what to do."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return _DAMAGED.format(path=path, problem=f'{type(error).__name__}: {error}')
+    needed = _unsafe_globals(path, str(error))
+    if not needed and 'Unsupported operand' in str(error):
+        return (f'{path} is a pickle that torch.load(weights_only=True) cannot read (it uses pickle operations a '
                 f'weights-only load refuses: a file not written by torch.save, or one that needs code to unpickle); '
-                f'biformer-zoo refuses it. Save the weights with torch.save(state_dict, path) and convert that') \
-                from None
-        if not needed:  # torch's own message here is about weights_only, which would mislead
-            raise ValueError(damaged.format('it does not unpickle as a checkpoint')) from None
-        raise ValueError(
-            f"{path} needs code to unpickle ({', '.join(needed)}); biformer-zoo loads checkpoints only with "
+                f'biformer-zoo refuses it. Save the weights with torch.save(state_dict, path) and convert that')
+    if not needed:  # torch's own message here is about weights_only, which would mislead
+        return _DAMAGED.format(path=path, problem='it does not unpickle as a checkpoint')
+    return (f"{path} needs code to unpickle ({', '.join(needed)}); biformer-zoo loads checkpoints only with "
             f'torch.load(weights_only=True), so it refuses this file. If you trust it, save just its weights and '
             f'convert those: python -c "import torch; c = torch.load(\'{path}\', weights_only=False); '
-            f'torch.save(c.get(\'model\', c), \'{path.stem}_weights.pth\')"') from None
-    except Exception as e:  # weights_only unpickling runs no code: any other failure means a damaged file
-        raise ValueError(damaged.format(f'{type(e).__name__}: {e}')) from None
-    return _state_dict_of(checkpoint, path, prefer_ema)
+            f'torch.save(c.get(\'model\', c), \'{path.stem}_weights.pth\')"')
+
+
+@contextlib.contextmanager
+def reading_checkpoints(model_tag: str, path: PathLike) -> Iterator[None]:
+    """Inside the block, timm's own loader reads official training checkpoints (their ``argparse.Namespace`` args
+    and paths are allowed to unpickle, nothing else), and a file it cannot read raises
+    :class:`PretrainedWeightsError` naming ``model_tag``, the file and the fix."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_CHECKPOINT_GLOBALS):
+            yield
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, SafetensorError) as e:
+        raise PretrainedWeightsError(f'{model_tag}: cannot read the pretrained weights: '
+                                     f'{_read_error_message(Path(path), e)}') from None
+    except RuntimeError as e:  # timm's refusal of an unpickling error, or torch's zip reader; nothing else
+        if isinstance(e.__cause__, pickle.UnpicklingError):
+            e = e.__cause__
+        elif 'PytorchStreamReader' not in str(e):
+            raise
+        raise PretrainedWeightsError(f'{model_tag}: cannot read the pretrained weights: '
+                                     f'{_read_error_message(Path(path), e)}') from None
 
 
 def _unsafe_globals(path: Path, message: str) -> List[str]:
@@ -117,40 +139,3 @@ def _unsafe_globals(path: Path, message: str) -> List[str]:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint
         return re.findall(r'Unsupported global: GLOBAL ([\w.]+)', message)
-
-
-def checkpoint_filter_of(model: torch.nn.Module) -> CheckpointFilter:
-    """The checkpoint filter registered for ``model``'s class (or a base class of it)."""
-    for cls in type(model).__mro__:
-        if cls in _CHECKPOINT_FILTERS:
-            return _CHECKPOINT_FILTERS[cls]
-    raise ValueError(f'{type(model).__name__} has no checkpoint filter to map official checkpoints; its family '
-                     f'registers one with register_checkpoint_filter')
-
-
-def layout_mismatch(mapped: Dict[str, torch.Tensor], model: torch.nn.Module) -> List[str]:
-    """Human-readable differences between a mapped state dict and the model's own (empty when they agree)."""
-    own = model.state_dict()
-    problems = []
-    missing = [k for k in own if k not in mapped and not k.endswith('num_batches_tracked')]  # BatchNorm fills it
-    unexpected = [k for k in mapped if k not in own]
-    mismatched = [f'{k} {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}'
-                  for k in own if k in mapped and mapped[k].shape != own[k].shape]
-    for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mismatched)):
-        if keys:
-            problems.append(f"{len(keys)} {label} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
-    return problems
-
-
-def guess_architecture(state_dict: Dict[str, torch.Tensor], names: List[str]) -> List[str]:
-    """Those of ``names`` (pretrained tags) whose filter maps ``state_dict`` exactly onto their layout (meta device)."""
-    matches = []
-    for name in names:
-        try:
-            with torch.device('meta'):
-                model = timm.create_model(name)
-            if not layout_mismatch(checkpoint_filter_of(model)(dict(state_dict), model), model):
-                matches.append(name)
-        except Exception:  # a filter refusing a foreign layout is a non-match
-            continue
-    return matches

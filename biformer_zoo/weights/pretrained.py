@@ -1,23 +1,22 @@
-"""``pretrained=True``: resolve the weights of a tag, download them with ``huggingface_hub`` (so ``HF_ENDPOINT`` mirrors,
-``HF_HUB_OFFLINE`` and the shared cache behave as users expect), check size, sha256, file integrity and architecture,
-turn every failure into one :class:`PretrainedWeightsError` that says what to do, and hand timm the local file, so
-timm's own ``load_pretrained`` still adapts ``num_classes``/``in_chans`` and wraps ``features_only`` models.
-:func:`prepare_pretrained` is called first thing by each family's ``_create_*``."""
-import os
-from typing import Any, Dict, List, Optional
+"""``pretrained=True``: the weights file of a resolved pretrained cfg, local and checked.
 
-import timm
-import torch
-from timm.models import resolve_pretrained_cfg
+:func:`pretrained_weights_file` downloads the weights of a tag with ``huggingface_hub`` (so ``HF_ENDPOINT`` mirrors,
+``HF_HUB_OFFLINE`` and the shared cache behave as users expect), checks size, sha256, file integrity and architecture
+(or checks a user's ``file``), turns every failure into one :class:`PretrainedWeightsError` that says what to do, and
+returns the cfg pointing at the local file. timm's own ``load_pretrained`` then reads it, adapts
+``num_classes``/``in_chans`` and wraps ``features_only`` models, as for its own models."""
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+from timm.models import PretrainedCfg
 
 from .._version import __version__
 from .files import PretrainedWeightsError, cache_paths_hint, check_weights_file
-from .manifest import WEIGHTS_FILE, PathLike, find_manifest_entry, manifest_entries, split_hub_id
-from .official import load_official_checkpoint
+from .manifest import WEIGHTS_FILE, PathLike, find_manifest_entry, split_hub_id
+from .official import check_checkpoint_file
 
-__all__ = [
-    'download_weights', 'prepare_pretrained', 'check_pretrained_state_dict', 'release_loaded_state_dict',
-    'cached_weights_path', 'pretrained_table', 'convert_command']
+__all__ = ['download_weights', 'pretrained_weights_file', 'cached_weights_path', 'convert_command']
 
 
 def convert_command(architecture: str, tag: Optional[str], entry: Optional[Dict[str, Any]]) -> str:
@@ -122,27 +121,25 @@ def download_weights(
         raise PretrainedWeightsError(message) from e
 
 
-def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Resolve, download and check the pretrained weights of ``variant``; returns kwargs for ``build_model_with_cfg``.
+def pretrained_weights_file(variant: str, cfg: PretrainedCfg, cache_dir: Optional[PathLike] = None) -> PretrainedCfg:
+    """``cfg`` with its weights as a checked local ``file``, for timm's ``load_pretrained`` to read.
 
-    Called first thing in each family's ``_create_*``. With ``pretrained=True`` and weights on the Hub, the checked
-    local file is passed on as ``pretrained_cfg_overlay['file']``; timm then loads it as usual. A user-given file is
-    checked too (when it is ``.safetensors``); in-memory state dicts and URLs pass through untouched.
+    Weights on the Hub (the manifest's or a user's ``hf_hub_id``) are downloaded and checked against the manifest;
+    a user's ``file`` is checked (``.safetensors`` whole, with the architecture it records; a ``.pth`` by its first
+    bytes: timm reads it inside ``official.reading_checkpoints``). In-memory state dicts, URLs and local dirs are
+    timm's to load.
     """
-    if not pretrained:
-        return kwargs
-    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
     if cfg.state_dict is not None or cfg.source == 'local-dir':
-        return kwargs
+        return cfg
     entry = find_manifest_entry(hf_hub_id=split_hub_id(cfg.hf_hub_id)[0]) if cfg.hf_hub_id else None
     tag = cfg.tag or (entry or {}).get('tag')
     if cfg.file and cfg.source != 'hf-hub':
-        return _prepare_local_file(variant, tag, str(cfg.file), kwargs, overlay)
+        _check_local_file(variant, tag, str(cfg.file))
+        return cfg
     if not cfg.hf_hub_id:
-        return kwargs  # a plain URL, or no weights at all: timm's own loader reports it
+        return cfg  # a plain URL, or no weights at all: timm's own loader reports it
     filename = cfg.hf_hub_filename or WEIGHTS_FILE
-    path = download_weights(variant, tag, cfg.hf_hub_id, filename, entry, kwargs.get('cache_dir'))
+    path = download_weights(variant, tag, cfg.hf_hub_id, filename, entry, cache_dir)
     if entry is not None and not entry.get('sha256'):
         # found in the cache or in a repo this version of the package has no checksum for: refuse to trust it
         model_tag = f'{variant}.{tag}' if tag else variant
@@ -156,17 +153,13 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -
         check_weights_file(
             path, variant, tag, entry, where=f" (Hub repo '{cfg.hf_hub_id}', file {filename})",
             remedy=f'Delete {cache_paths_hint(path)}, then load again to download a fresh copy.')
-    overlay['file'] = path
-    if cfg.source == 'hf-hub':
-        overlay['source'] = None  # so timm takes the checked file instead of downloading again
-    return dict(kwargs, pretrained_cfg_overlay=overlay)
+    # source None: timm takes the checked file instead of downloading again
+    return dataclasses.replace(cfg, file=path, source=None if cfg.source == 'hf-hub' else cfg.source)
 
 
-def _prepare_local_file(
-        variant: str, tag: Optional[str], file: str, kwargs: Dict[str, Any], overlay: Dict[str, Any]) -> Dict[str, Any]:
-    """Check a user-given weights file: ``.safetensors`` as a converted file; anything else is loaded here with
-    :func:`load_official_checkpoint` (``weights_only=True``, the same files ``convert`` accepts) and handed to timm
-    as a state dict, EMA weights first as timm's own file loader does."""
+def _check_local_file(variant: str, tag: Optional[str], file: str) -> None:
+    """Check a user-given weights file: ``.safetensors`` whole, as a converted file; anything else by its first bytes
+    (timm reads it with ``weights_only=True``, the same files ``convert`` accepts)."""
     model_tag = f'{variant}.{tag}' if tag else variant
     command = convert_command(variant, tag, find_manifest_entry(variant, tag))
     if not os.path.isfile(file):
@@ -177,68 +170,11 @@ def _prepare_local_file(
     if file.endswith('.safetensors'):
         check_weights_file(file, variant, tag, where=' (pretrained_cfg_overlay file)',
                            remedy=f'Convert the official checkpoint again: `{command}`.')
-        return kwargs
+        return
     try:
-        state_dict = load_official_checkpoint(file, prefer_ema=True)
+        check_checkpoint_file(file)
     except ValueError as e:
         raise PretrainedWeightsError(f'{model_tag}: cannot use the pretrained_cfg_overlay file: {e}') from None
-    overlay.update(state_dict=state_dict)  # timm takes the state dict first; the file names the source
-    return dict(kwargs, pretrained_cfg_overlay=overlay)
-
-
-def _names(keys: List[str], limit: int = 4) -> str:
-    return f"{len(keys)} ({', '.join(keys[:limit])}{', ...' if len(keys) > limit else ''})"
-
-
-def check_pretrained_state_dict(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """Refuse pretrained weights that would load into ``model`` only in part.
-
-    Called on the state dict timm is about to load (already in the model's layout), before timm drops a classifier
-    of another size and adapts the first conv to ``in_chans``; after that timm loads with ``strict=False`` and checks
-    nothing. Only the classifier (``pretrained_cfg['classifier']``) may be missing, extra or of another shape, and the
-    first conv (``pretrained_cfg['first_conv']``) may differ in its input channels. Anything else missing, unexpected,
-    of another shape, or integer where the model holds floats (or the reverse) raises :class:`PretrainedWeightsError`
-    naming the source, the counts and a few names.
-    """
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    def names(value: Any) -> tuple:
-        return (value,) if isinstance(value, str) else tuple(value or ())
-    head = tuple(f'{name}.' for name in names(cfg.get('classifier')))
-    first_convs = {f'{name}.weight' for name in names(cfg.get('first_conv'))}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict and not k.startswith(head)
-               and not k.endswith('num_batches_tracked')]  # BatchNorm's counter: not a weight
-    unexpected = [k for k in state_dict if k not in own and not k.startswith(head)]
-    wrong = []
-    for key in own.keys() & state_dict.keys():
-        value, target = state_dict[key], own[key]
-        if value.is_floating_point() != target.is_floating_point():
-            wrong.append(f'{key} is {value.dtype}, the model holds {target.dtype}')
-        elif value.shape != target.shape and not key.startswith(head) and not (
-                key in first_convs and value.shape[:1] + value.shape[2:] == target.shape[:1] + target.shape[2:]):
-            wrong.append(f'{key} is {tuple(value.shape)}, the model holds {tuple(target.shape)}')
-    if not (missing or unexpected or wrong):
-        return
-    source = cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the state dict given as pretrained_cfg'
-    model_tag = '.'.join(filter(None, (cfg.get('architecture'), cfg.get('tag'))))
-    problems = [f'{label} {_names(keys)}' for label, keys in (
-        ('missing', missing), ('unexpected', unexpected), ('of another shape or kind', wrong)) if keys]
-    raise PretrainedWeightsError(
-        f"{model_tag}: the pretrained weights {source} do not fit the model's backbone; tensors {'; '.join(problems)}. "
-        f"Only the classifier may be missing or differ (and the first conv's input channels, for in_chans), so "
-        f"loading them would leave part of the model random. Use weights of this architecture and configuration "
-        f"(`biformer-zoo convert` names the models an official checkpoint fits), or create the model with the "
-        f"arguments the weights were trained with.")
-
-
-def release_loaded_state_dict(model: torch.nn.Module) -> torch.nn.Module:
-    """Drop the state dict :func:`prepare_pretrained` handed to timm from the model's pretrained cfg once loaded
-    (timm keeps the cfg on the model, which would hold a second copy of the weights)."""
-    for module in (model, getattr(model, 'model', None)):  # features_only wrappers keep the cfg on both
-        cfg = getattr(module, 'pretrained_cfg', None)
-        if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
-            cfg['state_dict'] = None
-    return model
 
 
 def cached_weights_path(hf_hub_id: str, filename: str = WEIGHTS_FILE) -> Optional[str]:
@@ -247,16 +183,3 @@ def cached_weights_path(hf_hub_id: str, filename: str = WEIGHTS_FILE) -> Optiona
     repo_id, revision = split_hub_id(hf_hub_id)
     found = try_to_load_from_cache(repo_id, filename, revision=revision)
     return found if isinstance(found, str) else None
-
-
-def pretrained_table() -> List[Dict[str, Any]]:
-    """One row per manifest entry: tag, status, Hub repo, whether it is in the local Hub cache, reported top-1."""
-    rows = []
-    for entry in manifest_entries():
-        cached = cached_weights_path(entry['hf_hub_id'], entry['file'])
-        rows.append(dict(
-            model=f"{entry['architecture']}.{entry['tag']}", status=entry['status'], hf_hub_id=entry['hf_hub_id'],
-            cached=cached is not None, cached_path=cached, top1=entry['reported']['top1'], sha256=entry['sha256'],
-            registered=timm.is_model(entry['architecture']),
-        ))
-    return rows
