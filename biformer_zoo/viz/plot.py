@@ -188,7 +188,8 @@ def plot_attention(
     stride = (map_stride(input_size[0], map_h), map_stride(input_size[1], map_w))
     ax = _axes(ax)
     _show(ax, picture, input_size)
-    ax.imshow(heat.numpy(), extent=(0, map_w * stride[1], map_h * stride[0], 0), cmap=cmap, alpha=alpha,
+    heat = np.ma.masked_equal(heat.numpy(), 0.)  # keys the query cannot attend to stay uncoloured
+    ax.imshow(heat, extent=(0, map_w * stride[1], map_h * stride[0], 0), cmap=cmap, alpha=alpha,
               interpolation='nearest', vmin=0, gid='attention')
     ax.set_xlim(0, input_size[1])
     ax.set_ylim(input_size[0], 0)
