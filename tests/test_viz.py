@@ -147,6 +147,30 @@ def test_records_a_layer_alone_a_sequential_and_a_c2f_block():
     }
 
 
+def test_records_and_maps_a_yolo_with_c2fbra(tmp_path, monkeypatch):
+    monkeypatch.setenv('YOLO_OFFLINE', 'true')
+    monkeypatch.setenv('YOLO_CONFIG_DIR', str(tmp_path))  # Ultralytics writes its settings file there
+    pytest.importorskip('ultralytics')
+    from ultralytics.nn.tasks import DetectionModel
+    from biformer_zoo.integrations.ultralytics import model_cfg
+    torch.manual_seed(0)
+    model = DetectionModel(model_cfg('yolov8n-bra.yaml'), verbose=False).eval()
+    images = torch.randn(1, 3, 224, 288)
+    with torch.no_grad(), record_routing(model) as records:
+        model(images)
+        amap = attention_map(model, images, None, (200, 250))  # the default: the last routed layer, at stride 32
+    assert {name: r.map_size for name, r in records.items()} == {'model.10': (7, 9), 'model.22.blocks.0.attn': (7, 9)}
+    assert (amap.layer, amap.stride, amap.token) == ('model.22.blocks.0.attn', (32., 32.), (6, 7))
+
+
+def test_attention_map_runs_the_model_in_eval_mode_and_restores_the_modes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), bra_layer()).train()
+    model[0].eval()
+    attention_map(model, torch.randn(1, 3, 13, 17), '2', (3, 4))
+    assert [m.training for m in model] == [False, True, True] and model[1].num_batches_tracked == 0
+
+
 def test_record_routing_without_routed_attention_names_the_fix():
     with pytest.raises(ValueError, match='no BiLevelRoutingAttention.*biformer_'):
         with record_routing(LSDAttention(32, 4)):
@@ -252,6 +276,7 @@ def test_global_attention_map_of_biformer_last_stage(biformer, images):
     ((0, -1), r'pass row in \[0, 74\]'),
     ((1.5, 2), 'two ints'),
     ((1, 2, 3), 'two ints'),
+    (7, 'two ints'),
 ])
 def test_a_query_outside_the_image_names_the_valid_range(biformer, images, query, match):
     with pytest.raises(ValueError, match=match):
@@ -350,8 +375,15 @@ def test_cli_viz_writes_the_figure(image_file, tmp_path, tiny_checkpoint, capsys
     (['--query', '100,120', '--layer', 'attn'], "unknown layer 'attn' for BiFormer; valid names: 'stages.0.blocks.0"),
     (['--query', '300,10'], r'pass row in [0, 223]'),
     (['--query', '100'], '--query must be ROW,COL'),
+    (['--query', '1,1', '--checkpoint', 'missing.pth'], 'missing.pth'),
 ])
 def test_cli_viz_errors_are_one_line_with_exit_2(image_file, tmp_path, capsys, args, message):
     code = cli.main(['viz', 'biformer_tiny', str(image_file), '--out', str(tmp_path / 'fig.png'), *args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith('biformer-zoo viz: error: ') and message in err and err.count('\n') == 1
+
+
+def test_cli_viz_names_a_missing_image(tmp_path, capsys):
+    code = cli.main(['viz', 'biformer_tiny', str(tmp_path / 'none.png'), '--query', '1,1', '--out',
+                     str(tmp_path / 'fig.png')])
+    assert code == 2 and 'none.png' in capsys.readouterr().err and not (tmp_path / 'fig.png').exists()

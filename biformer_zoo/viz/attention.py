@@ -1,4 +1,5 @@
 """The attention weights of one query token over a layer's map, from the plain math of the layer's own weights."""
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -8,9 +9,9 @@ import torch.nn.functional as F
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, LSDAttention
 from ..layers.lsda import group_layout
-from .record import attention_layers
+from .record import attention_layers, layer_input
 
-__all__ = ['AttentionMap', 'attention_map', 'default_layer', 'map_stride', 'query_token']
+__all__ = ['AttentionMap', 'attention_map', 'check_query', 'default_layer', 'map_stride', 'query_token']
 
 Size = Tuple[int, int]
 
@@ -70,16 +71,25 @@ def map_stride(input_size: int, map_size: int) -> float:
     return input_size / map_size
 
 
-def query_token(query: Sequence[int], input_size: Size, map_size: Size) -> Size:
-    """(row, col) in input pixels -> (row, col) of the map token that covers it; a ValueError naming the valid range
-    for a query outside the image."""
-    if len(query) != 2 or not all(isinstance(v, int) or (torch.is_tensor(v) and v.numel() == 1) for v in query):
+def check_query(query: Sequence[int], input_size: Size) -> Size:
+    """(row, col) in input pixels as ints; a ValueError naming the valid range for a query outside the image."""
+    def is_int(v) -> bool:
+        return isinstance(v, numbers.Integral) or (torch.is_tensor(v) and v.numel() == 1 and not v.is_floating_point())
+
+    if not hasattr(query, '__len__') or len(query) != 2 or not all(is_int(v) for v in query):
         raise ValueError(f'query must be (row, col), two ints in input pixels, got {query!r}')
     row, col = int(query[0]), int(query[1])
     height, width = input_size
     if not (0 <= row < height and 0 <= col < width):
         raise ValueError(f'query (row, col) = ({row}, {col}) is outside the {height}x{width} input image; pass row in '
                          f'[0, {height - 1}] and col in [0, {width - 1}] (input pixels, row first)')
+    return row, col
+
+
+def query_token(query: Sequence[int], input_size: Size, map_size: Size) -> Size:
+    """(row, col) in input pixels -> (row, col) of the map token that covers it (``check_query`` first)."""
+    row, col = check_query(query, input_size)
+    height, width = input_size
     token_row = min(int(row // map_stride(height, map_size[0])), map_size[0] - 1)
     token_col = min(int(col // map_stride(width, map_size[1])), map_size[1] - 1)
     return token_row, token_col
@@ -111,17 +121,21 @@ def _capture_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> 
     """The input the layer gets when ``model`` runs on ``images``; the forward stops right after the layer."""
     captured = []
 
-    def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
-        captured.append(args[0].detach())
+    def hook(module: nn.Module, args: Tuple, kwargs: Dict, output: torch.Tensor) -> None:
+        captured.append(layer_input(args, kwargs).detach())
         raise _LayerInput
 
-    handle = layer.register_forward_hook(hook)
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # the weights of the eval-mode model: no attention dropout, no BatchNorm statistics updated
     try:
         model(images)
     except _LayerInput:
         pass
     finally:
         handle.remove()
+        for m, training in modes.items():
+            m.training = training
     if not captured:
         raise ValueError(f'the layer did not run in the forward of {type(model).__name__}; name a layer that the '
                          f'forward uses')
@@ -146,6 +160,7 @@ def attention_map(
     BRA: the query token over the tokens of its region's routed regions (zero elsewhere; the routing recomputed as
     the layer computes it). LSDA: over the query's short- or long-distance group, with the dynamic position bias.
     ``AttentionLePE`` (BiFormer's last stage): over the whole map. Each head's weights sum to 1 over the padded map.
+    The forward runs in eval mode (each module's mode is restored afterwards) and stops after the layer.
     """
     layers = _find_layers(model)
     name = default_layer(model) if layer is None else layer
@@ -161,17 +176,18 @@ def attention_map(
         images = images.unsqueeze(0)
     if images.shape[0] != 1:
         raise ValueError(f'attention_map takes one image, got a batch of {images.shape[0]}; pass images[i:i + 1]')
+    # a layer alone may take (B, H, W, C); everything else takes images (B, C, H, W)
+    input_size = (images.shape[1], images.shape[2]) if module is model and getattr(module, 'channels_last', False) \
+        else (images.shape[-2], images.shape[-1])
+    query = check_query(query, input_size)  # before the forward
     with torch.no_grad():
         x = _capture_input(model, module, images)[0]
         if not getattr(module, 'channels_last', False):
             x = x.permute(1, 2, 0)  # (H, W, C)
         map_size = (x.shape[0], x.shape[1])
-        input_size = (images.shape[1], images.shape[2]) if module is model and module.channels_last \
-            else (images.shape[-2], images.shape[-1])
-        token = query_token(query, input_size, map_size)
         stride = (map_stride(input_size[0], map_size[0]), map_stride(input_size[1], map_size[1]))
-        common = dict(layer=name, map_size=map_size, input_size=input_size, stride=stride,
-                      query=(int(query[0]), int(query[1])), token=token)
+        token = query_token(query, input_size, map_size)
+        common = dict(layer=name, map_size=map_size, input_size=input_size, stride=stride, query=query, token=token)
         if isinstance(module, BiLevelRoutingAttention):
             return _routed_map(module, x, token, common)
         if isinstance(module, LSDAttention):

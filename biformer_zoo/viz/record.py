@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, LSDAttention
 
-__all__ = ['RoutingRecord', 'record_routing', 'attention_layers', 'routed_layers']
+__all__ = ['RoutingRecord', 'record_routing', 'attention_layers', 'layer_input', 'routed_layers']
 
 ATTENTION_TYPES = (BiLevelRoutingAttention, LSDAttention, AttentionLePE)
 
@@ -69,10 +69,15 @@ def routed_layers(model: nn.Module) -> Dict[str, BiLevelRoutingAttention]:
     return layers
 
 
+def layer_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
+    """The map an attention layer's forward got, passed by position or as ``x=``."""
+    return args[0] if args else kwargs['x']
+
+
 def _on_input(name: str, layer: BiLevelRoutingAttention, sizes: Dict[str, Tuple], module: nn.Module,
-              args: Tuple[Any, ...]) -> None:
+              args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
     """Forward pre-hook on the layer: the size of its input map, before the router runs."""
-    x = args[0]
+    x = layer_input(args, kwargs)
     height, width = (x.shape[1], x.shape[2]) if layer.channels_last else (x.shape[2], x.shape[3])
     n = layer.num_regions
     sizes[name] = (int(height), int(width)), (-(-int(height) // n) * n, -(-int(width) // n) * n)
@@ -108,7 +113,7 @@ def record_routing(model: nn.Module) -> Iterator[Dict[str, RoutingRecord]]:
     handles: List[torch.utils.hooks.RemovableHandle] = []
     try:
         for name, layer in layers.items():
-            handles.append(layer.register_forward_pre_hook(partial(_on_input, name, layer, sizes)))
+            handles.append(layer.register_forward_pre_hook(partial(_on_input, name, layer, sizes), with_kwargs=True))
             handles.append(layer.router.register_forward_hook(partial(_on_route, name, layer, sizes, records)))
         yield records
     finally:
