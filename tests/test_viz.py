@@ -339,6 +339,14 @@ def test_visualize_draws_routing_and_attention_for_a_routed_layer(biformer, imag
         '16 routed regions of the query region', 'routed attention, mean of the heads']
 
 
+def test_visualize_takes_a_tensor_for_a_model_without_data_config(tmp_path):
+    neck = nn.Sequential(nn.Conv2d(3, 32, 3, stride=4, padding=1), bra_layer()).eval()
+    figure = visualize(neck, torch.rand(1, 3, 64, 80), (10, 70))
+    with pytest.raises(ValueError, match=r'no pretrained_cfg .* pass the \(1, 3, H, W\) tensor'):
+        visualize(neck, tmp_path / 'image.png', (10, 70))
+    assert len(patches(figure, 'routed-')) == 3
+
+
 # Grad-CAM (the grad-cam package) on the target layers README names
 
 

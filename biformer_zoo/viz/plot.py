@@ -5,24 +5,29 @@ larger picture of the same framing works too), map tokens cover ``stride`` pixel
 padding is clipped to the image.
 """
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
 
 from ..layers import BiLevelRoutingAttention
 from .attention import AttentionMap, attention_map, default_layer, map_stride, query_token
 from .record import RoutingRecord, attention_layers, record_routing
 
+if TYPE_CHECKING:  # matplotlib is the [viz] extra: imported where a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 __all__ = ['ImageLike', 'plot_attention', 'plot_routing', 'preprocess', 'to_image', 'visualize']
 
-ImageLike = Union[torch.Tensor, np.ndarray, 'PIL.Image.Image', str, Path]
+ImageLike = Union[torch.Tensor, np.ndarray, Image.Image, str, Path]
 QUERY_COLOR = 'red'
 
 
-def _open(path: Union[str, Path]) -> 'PIL.Image.Image':
-    from PIL import Image
+def _open(path: Union[str, Path]) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'image {str(path)!r} is not a file; pass the path of an image (PNG, JPEG, ...)')
@@ -60,24 +65,23 @@ def to_image(image: ImageLike, mean: Optional[Sequence[float]] = None,
     return array.astype(np.float32) / 255. if array.dtype == np.uint8 else array.astype(np.float32).clip(0, 1)
 
 
-def preprocess(model: nn.Module, image: Union[str, Path, 'PIL.Image.Image']) -> torch.Tensor:
+def preprocess(model: nn.Module, image: Union[str, Path, Image.Image]) -> torch.Tensor:
     """A path or PIL image as the model takes it, (1, 3, H, W): timm's eval transform for the model's data config
     (``resolve_data_config``: resize, centre crop, normalise with its ``pretrained_cfg``)."""
-    from timm.data import create_transform, resolve_data_config
     if isinstance(image, (str, Path)):
         image = _open(image)
     transform = create_transform(**resolve_data_config({}, model=model))
     return transform(image.convert('RGB')).unsqueeze(0)
 
 
-def _axes(ax: Optional['matplotlib.axes.Axes']) -> 'matplotlib.axes.Axes':
+def _axes(ax: Optional['Axes']) -> 'Axes':
     if ax is not None:
         return ax
     from matplotlib.figure import Figure
     return Figure(figsize=(4, 4), layout='constrained').add_subplot()
 
 
-def _show(ax: 'matplotlib.axes.Axes', image: np.ndarray, input_size: Tuple[int, int]) -> None:
+def _show(ax: 'Axes', image: np.ndarray, input_size: Tuple[int, int]) -> None:
     height, width = input_size
     ax.imshow(image, extent=(0, width, height, 0), interpolation='bilinear')
     ax.set_xlim(0, width)
@@ -85,7 +89,7 @@ def _show(ax: 'matplotlib.axes.Axes', image: np.ndarray, input_size: Tuple[int, 
     ax.set_axis_off()
 
 
-def _box(ax: 'matplotlib.axes.Axes', box: Tuple[int, int, int, int], stride: Tuple[float, float], **kwargs) -> None:
+def _box(ax: 'Axes', box: Tuple[int, int, int, int], stride: Tuple[float, float], **kwargs) -> None:
     """A rectangle over map tokens (top, left, bottom, right), drawn in pixels and clipped to the axes."""
     from matplotlib.patches import Rectangle
     top, left, bottom, right = box
@@ -93,7 +97,7 @@ def _box(ax: 'matplotlib.axes.Axes', box: Tuple[int, int, int, int], stride: Tup
                            (bottom - top) * stride[0], **kwargs))
 
 
-def _mark(ax: 'matplotlib.axes.Axes', query: Tuple[int, int]) -> None:
+def _mark(ax: 'Axes', query: Tuple[int, int]) -> None:
     ax.plot(query[1] + 0.5, query[0] + 0.5, marker='*', markersize=12, color=QUERY_COLOR, markeredgecolor='white',
             gid='query')
 
@@ -107,8 +111,8 @@ def plot_routing(
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         cmap: str = 'autumn',
-        ax: Optional['matplotlib.axes.Axes'] = None,
-) -> 'matplotlib.figure.Figure':
+        ax: Optional['Axes'] = None,
+) -> 'Figure':
     """The image with the layer's region grid, the query's region outlined and its ``topk`` routed regions shaded
     by rank (the best routed region darkest, numbered 1..topk), as BiFormer's Figure 6.
 
@@ -158,8 +162,8 @@ def plot_attention(
         std: Optional[Sequence[float]] = None,
         cmap: str = 'jet',
         alpha: float = 0.5,
-        ax: Optional['matplotlib.axes.Axes'] = None,
-) -> 'matplotlib.figure.Figure':
+        ax: Optional['Axes'] = None,
+) -> 'Figure':
     """The image with attention weights alpha-blended over it as a heat map (one map token = ``stride`` pixels).
 
     Args:
@@ -211,21 +215,25 @@ def visualize(
         image: ImageLike,
         query: Sequence[int],
         layer: Optional[str] = None,
-) -> 'matplotlib.figure.Figure':
+) -> 'Figure':
     """One figure for a query of one image: for a routed layer its routed regions and its attention map side by side,
     for the others the attention map. What ``biformer-zoo viz`` writes.
 
     Args:
-        model: A model holding attention layers (``attention_map``), in eval mode.
-        image: A path or PIL image (preprocessed with the model's data config: ``preprocess``) or a (1, 3, H, W)
-            tensor normalised with the model's data config.
+        model: A model holding attention layers (``attention_map``).
+        image: For a timm model, a path or PIL image (preprocessed with the model's data config: ``preprocess``) or a
+            (1, 3, H, W) tensor normalised with it; for other models (a YOLO), the tensor the model takes.
         query: (row, col) in pixels of the model input (after the data config's resize and crop).
         layer: Module name of the layer; None for ``default_layer``.
     """
     from matplotlib.figure import Figure
-    from timm.data import resolve_data_config
+    timm_model = getattr(model, 'pretrained_cfg', None) is not None
+    if not torch.is_tensor(image) and not timm_model:
+        raise ValueError(f'{type(model).__name__} has no pretrained_cfg (data config) to preprocess an image with; '
+                         f'pass the (1, 3, H, W) tensor the model takes')
     images = image if torch.is_tensor(image) else preprocess(model, image)
-    config = resolve_data_config({}, model=model)
+    # how the shown image is un-normalised: the data config's mean/std, or none for models without one
+    display = {k: v for k, v in resolve_data_config({}, model=model).items() if k in ('mean', 'std') and timm_model}
     name = default_layer(model) if layer is None else layer
     routed = isinstance(attention_layers(model).get(name), BiLevelRoutingAttention)
     if routed:
@@ -235,7 +243,6 @@ def visualize(
         amap = attention_map(model, images, name, query)
     figure = Figure(figsize=(8 if routed else 4, 4.4), layout='constrained')
     axes = figure.subplots(1, 2 if routed else 1, squeeze=False)[0]
-    display = dict(mean=config['mean'], std=config['std'])
     if routed:
         plot_routing(images, records[name], query, ax=axes[0], **display)
     plot_attention(images, amap, ax=axes[-1], **display)
