@@ -294,6 +294,21 @@ def test_a_model_without_attention_layers_names_the_fix():
         attention_map(nn.Sequential(nn.Conv2d(3, 8, 3)), torch.randn(1, 3, 32, 32), None, (0, 0))
 
 
+class UnusedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3)
+        self.attn = bra_layer()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_layer_the_forward_does_not_use_names_the_fix():
+    with pytest.raises(ValueError, match="layer 'attn' did not run in the forward of UnusedAttention; name a layer"):
+        attention_map(UnusedAttention(), torch.randn(1, 3, 16, 16), 'attn', (0, 0))
+
+
 def test_a_batch_of_images_names_the_fix(biformer):
     with pytest.raises(ValueError, match=r'one image, got a batch of 2; pass images\[i:i \+ 1\]'):
         attention_map(biformer, torch.randn(2, 3, 64, 64), None, (0, 0))

@@ -117,8 +117,9 @@ class _LayerInput(Exception):
     """Raised by the capturing hook to stop the forward once the layer has run."""
 
 
-def _capture_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The input the layer gets when ``model`` runs on ``images``; the forward stops right after the layer."""
+def _capture_input(model: nn.Module, name: str, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input the layer gets (at its first call) when ``model`` runs on ``images``; the forward stops right after
+    the layer."""
     captured = []
 
     def hook(module: nn.Module, args: Tuple, kwargs: Dict, output: torch.Tensor) -> None:
@@ -137,8 +138,8 @@ def _capture_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> 
         for m, training in modes.items():
             m.training = training
     if not captured:
-        raise ValueError(f'the layer did not run in the forward of {type(model).__name__}; name a layer that the '
-                         f'forward uses')
+        raise ValueError(f'layer {name!r} did not run in the forward of {type(model).__name__}; name a layer that '
+                         f'the forward uses')
     return captured[0]
 
 
@@ -181,7 +182,7 @@ def attention_map(
         else (images.shape[-2], images.shape[-1])
     query = check_query(query, input_size)  # before the forward
     with torch.no_grad():
-        x = _capture_input(model, module, images)[0]
+        x = _capture_input(model, name, module, images)[0]
         if not getattr(module, 'channels_last', False):
             x = x.permute(1, 2, 0)  # (H, W, C)
         map_size = (x.shape[0], x.shape[1])
