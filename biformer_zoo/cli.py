@@ -114,17 +114,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_viz(args: argparse.Namespace) -> int:
     from .models import create_model
-    from .viz import visualize
+    from .viz import load_image, visualize
     try:
         row, col = (int(v) for v in args.query.split(','))
     except ValueError:
         raise ValueError(f'--query must be ROW,COL in pixels of the model input, e.g. 112,112; got {args.query!r}') \
             from None
+    image = load_image(args.image)  # a missing or unreadable image is reported before the model is built
     if args.checkpoint:  # an official .pth or a converted file, loaded and checked as pretrained weights are
         model = create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
     else:  # a pretrained tag names the weights; without one the model is random
         model = create_model(args.model, pretrained='.' in args.model)
-    visualize(model.eval(), args.image, (row, col), layer=args.layer).savefig(args.out, dpi=args.dpi)
+    visualize(model.eval(), image, (row, col), layer=args.layer).savefig(args.out, dpi=args.dpi)
     random = '' if args.checkpoint or '.' in args.model else ' (random weights: no pretrained tag, no --checkpoint)'
     print(f'wrote {args.out}{random}')
     return 0

@@ -406,7 +406,11 @@ def test_cli_viz_errors_are_one_line_with_exit_2(image_file, tmp_path, capsys, a
     assert code == 2 and err.startswith('biformer-zoo viz: error: ') and message in err and err.count('\n') == 1
 
 
-def test_cli_viz_names_a_missing_image(tmp_path, capsys):
-    code = cli.main(['viz', 'biformer_tiny', str(tmp_path / 'none.png'), '--query', '1,1', '--out',
-                     str(tmp_path / 'fig.png')])
-    assert code == 2 and 'none.png' in capsys.readouterr().err and not (tmp_path / 'fig.png').exists()
+@pytest.mark.parametrize('content, message', [(None, 'is not a file'), (b'<html>', 'cannot read')])
+def test_cli_viz_names_a_missing_or_unreadable_image(tmp_path, capsys, content, message):
+    image = tmp_path / 'image.png'
+    if content is not None:
+        image.write_bytes(content)
+    code = cli.main(['viz', 'biformer_tiny', str(image), '--query', '1,1', '--out', str(tmp_path / 'fig.png')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'image.png' in err and message in err and not (tmp_path / 'fig.png').exists()

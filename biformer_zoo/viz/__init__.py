@@ -7,9 +7,9 @@ recomputes one query's weights from a layer's own weights (``attention``); ``plo
 the target layers README names.
 """
 from .attention import AttentionMap, attention_map, default_layer
-from .plot import plot_attention, plot_routing, preprocess, to_image, visualize
+from .plot import load_image, plot_attention, plot_routing, preprocess, to_image, visualize
 from .record import RoutingRecord, attention_layers, record_routing
 
 __all__ = [
-    'AttentionMap', 'RoutingRecord', 'attention_layers', 'attention_map', 'default_layer', 'plot_attention',
-    'plot_routing', 'preprocess', 'record_routing', 'to_image', 'visualize']
+    'AttentionMap', 'RoutingRecord', 'attention_layers', 'attention_map', 'default_layer', 'load_image',
+    'plot_attention', 'plot_routing', 'preprocess', 'record_routing', 'to_image', 'visualize']

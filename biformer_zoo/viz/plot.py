@@ -21,21 +21,24 @@ if TYPE_CHECKING:  # matplotlib is the [viz] extra: imported where a figure is d
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ['ImageLike', 'plot_attention', 'plot_routing', 'preprocess', 'to_image', 'visualize']
+__all__ = ['ImageLike', 'load_image', 'plot_attention', 'plot_routing', 'preprocess', 'to_image', 'visualize']
 
 ImageLike = Union[torch.Tensor, np.ndarray, Image.Image, str, Path]
 QUERY_COLOR = 'red'
 
 
-def _open(path: Union[str, Path]) -> Image.Image:
+def load_image(path: Union[str, Path]) -> Image.Image:
+    """An image file as an RGB PIL image; a ValueError naming the file if it is missing or not an image."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'image {str(path)!r} is not a file; pass the path of an image (PNG, JPEG, ...)')
     try:
         return Image.open(path).convert('RGB')
-    except OSError as e:
-        raise ValueError(f'cannot read {str(path)!r} as an image ({e}); pass a PNG, JPEG or another format Pillow '
-                         f'reads') from None
+    # ImportError: once imported, Ultralytics patches Image.open to retry an unknown file with pi_heif, and raises
+    # ModuleNotFoundError where that is not installed
+    except (OSError, ImportError):
+        raise ValueError(f'cannot read {str(path)!r} as an image; pass a PNG, JPEG or another format Pillow reads') \
+            from None
 
 
 def to_image(image: ImageLike, mean: Optional[Sequence[float]] = None,
@@ -44,7 +47,7 @@ def to_image(image: ImageLike, mean: Optional[Sequence[float]] = None,
     (1, 3, H, W) / (3, H, W) tensor. A tensor normalised with ``mean``/``std`` (e.g. the model's ``pretrained_cfg``
     values) is un-normalised with them; without them, one outside [0, 1] is rescaled to its range."""
     if isinstance(image, (str, Path)):
-        image = _open(image)
+        image = load_image(image)
     if torch.is_tensor(image):
         x = image.detach().float().cpu()
         x = x[0] if x.dim() == 4 else x
@@ -69,7 +72,7 @@ def preprocess(model: nn.Module, image: Union[str, Path, Image.Image]) -> torch.
     """A path or PIL image as the model takes it, (1, 3, H, W): timm's eval transform for the model's data config
     (``resolve_data_config``: resize, centre crop, normalise with its ``pretrained_cfg``)."""
     if isinstance(image, (str, Path)):
-        image = _open(image)
+        image = load_image(image)
     transform = create_transform(**resolve_data_config({}, model=model))
     return transform(image.convert('RGB')).unsqueeze(0)
 
