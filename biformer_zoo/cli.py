@@ -73,6 +73,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from .models import create_model
+    from .viz import load_image, visualize
+    try:
+        row, col = (int(v) for v in args.query.split(','))
+    except ValueError:
+        raise ValueError(f'--query must be ROW,COL in pixels of the model input, e.g. 112,112; got {args.query!r}') \
+            from None
+    image = load_image(args.image)  # a missing or unreadable image is reported before the model is built
+    if args.checkpoint:  # an official .pth or a converted file, loaded and checked as pretrained weights are
+        model = create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
+    else:  # a pretrained tag names the weights; without one the model is random
+        model = create_model(args.model, pretrained='.' in args.model)
+    visualize(model.eval(), image, (row, col), layer=args.layer).savefig(args.out, dpi=args.dpi)
+    random = '' if args.checkpoint or '.' in args.model else ' (random weights: no pretrained tag, no --checkpoint)'
+    print(f'wrote {args.out}{random}')
+    return 0
+
+
 TRACEBACK_HELP = 'on an error, show the full traceback, not one line (also: BIFORMER_ZOO_DEBUG=1)'
 
 
@@ -149,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--format', choices=BENCH_FORMATS, default='table')
     p.add_argument('--json', action='store_true', help='same as --format json')
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser('viz', parents=[common], help='draw the routed regions and the attention map of one query '
+                                                      'point of an image')
+    p.add_argument('model', help='model name, with a pretrained tag for its weights (biformer_small.in1k)')
+    p.add_argument('image', help='image file; preprocessed with the model\'s data config (resize, centre crop)')
+    p.add_argument('--query', required=True, metavar='ROW,COL',
+                   help='the query point in pixels of the model input (224x224 for most models), row first')
+    p.add_argument('--layer', help='module name of the attention layer (default: the last routed one, else the last '
+                                   'attention layer); a wrong name lists the valid ones')
+    p.add_argument('--checkpoint', help='an official .pth or a converted model.safetensors to load')
+    p.add_argument('--out', required=True, help='the figure to write (.png, .pdf, .svg)')
+    p.add_argument('--dpi', type=int, default=100)
+    p.set_defaults(func=cmd_viz)
     return parser
 
 

@@ -1,4 +1,5 @@
 """The notebooks are committed without outputs and run from start to end in a fresh kernel."""
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ nbformat = pytest.importorskip('nbformat')
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / 'notebooks'
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob('*.ipynb'))
-EXPECTED = ['01_quickstart.ipynb', '02_detection_features.ipynb', '03_flops_and_speed.ipynb']
+EXPECTED = ['01_quickstart.ipynb', '02_detection_features.ipynb', '03_flops_and_speed.ipynb', '04_visualize.ipynb']
 CELL_TIMEOUT_S = 300
 
 
@@ -31,6 +32,8 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     notebook = nbformat.read(path, as_version=4)
     # one torch thread in the kernel: predictable run time on a shared 2-core CI machine
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    # the kernel imports this checkout's package, whichever checkout an editable install points at
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(NOTEBOOK_DIR.parent), os.environ.get('PYTHONPATH', '')]))
     # the kernel runs in a scratch directory, so a notebook cannot depend on (or write into) the repository
     client = nbclient.NotebookClient(
         notebook, timeout=CELL_TIMEOUT_S, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}})
