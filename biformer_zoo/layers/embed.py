@@ -13,11 +13,10 @@ from typing import List, Sequence, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import register_notrace_function
 
 from .conv import StridedConv2d
 from .helpers import check_feature_map, check_int_arg
+from .padding import pad_to_multiple
 
 __all__ = ['CrossScaleEmbed', 'CrossScaleMerge', 'cross_scale_channels']
 
@@ -48,16 +47,6 @@ def _multi_kernel_convs(in_chans: int, out_chans: int, kernel_sizes: Sequence[in
         StridedConv2d(in_chans, chans, kernel_size=k, stride=stride, padding=(k - stride) // 2)
         for k, chans in zip(kernel_sizes, cross_scale_channels(out_chans, len(kernel_sizes)))
     ])
-
-
-@register_notrace_function
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad a (B, C, H, W) map at the bottom/right so that H and W are multiples of ``multiple``."""
-    pad_b = (multiple - x.shape[2] % multiple) % multiple
-    pad_r = (multiple - x.shape[3] % multiple) % multiple
-    if pad_b > 0 or pad_r > 0:
-        x = F.pad(x, (0, pad_r, 0, pad_b))
-    return x
 
 
 class CrossScaleEmbed(nn.Module):
@@ -130,7 +119,7 @@ class CrossScaleMerge(nn.Module):
         check_feature_map(x, conv.in_channels, conv.weight.dtype, self.channels_last, 'CrossScaleMerge', 'in_chans')
         if not self.channels_last:
             x = x.permute(0, 2, 3, 1)
-        x = pad_to_multiple(self.norm(x).permute(0, 3, 1, 2), 2)  # (B, in_chans, H, W), H and W even
+        x = pad_to_multiple(self.norm(x).permute(0, 3, 1, 2), 2, 2)  # (B, in_chans, H, W), H and W even
         branches = []
         for reduction in self.reductions:
             branches.append(reduction(x))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function, register_notrace_module
 
 from .helpers import check_feature_map, check_int_arg
+from .padding import pad_to_multiple
 
 __all__ = [
     'DynamicPosBias', 'LSDAttention', 'group_layout', 'group_tokens', 'ungroup_heads',
@@ -319,11 +320,9 @@ class LSDAttention(nn.Module):
         B, H, W, C = x.shape
         group_h, group_w, interval = group_layout(
             H, W, self.group_size, self.interval, self.long_distance, self.group_rule)
-        pad_b = (group_h * interval - H % (group_h * interval)) % (group_h * interval)
-        pad_r = (group_w * interval - W % (group_w * interval)) % (group_w * interval)
-        if pad_b > 0 or pad_r > 0:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
+        x = pad_to_multiple(x, group_h * interval, group_w * interval, channels_last=True)
+        Hp, Wp = x.shape[1], x.shape[2]
+        padded = Hp > H or Wp > W
 
         tokens = group_tokens(x, group_h, group_w, interval)  # (B, groups, N, C)
         num_groups, n = tokens.shape[1], tokens.shape[2]
@@ -334,7 +333,7 @@ class LSDAttention(nn.Module):
         bias = self.position_bias(group_h, group_w).to(x.dtype)  # (heads, N, N)
         # groups fold into the batch axis: (B * groups, heads, N, head_dim), views of qkv
         q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-        if pad_b > 0 or pad_r > 0:
+        if padded:
             # one mask per group, repeated over the batch: (B * groups, heads, N, N), a view for B = 1; half the
             # size of copying q, k and v into a layout where one mask per group would broadcast
             mask = padding_mask(H, W, Hp, Wp, group_h, group_w, interval, x.dtype, x.device)
@@ -349,7 +348,7 @@ class LSDAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=self.scale)
 
         out = ungroup_heads(out.reshape(B, num_groups, self.num_heads, n, head_dim), Hp, Wp, group_h, group_w, interval)
-        if pad_b > 0 or pad_r > 0:
+        if padded:
             out = out[:, :H, :W]
         out = self.proj_drop(self.proj(out))  # (B, H, W, C)
         if not self.channels_last:
