@@ -255,26 +255,3 @@ def test_cli_markdown_has_all_three_tables(capsys):
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.startswith('**')] == [
         '**Parameters and FLOPs**', '**Per stage**', '**GFLOPs per operator**']
-
-
-@pytest.mark.parametrize('command', ['report', 'bench'])
-def test_cli_unknown_model_exits_non_zero_with_message(command, capsys):
-    code = main([command, 'no_such_model'])
-    assert (code, "unknown model 'no_such_model'" in capsys.readouterr().err) == (2, True)
-
-
-@pytest.mark.parametrize('how', ['--traceback', 'BIFORMER_ZOO_DEBUG=1'])
-def test_cli_traceback_escape_hatch_raises_the_error(how, monkeypatch):
-    if how.startswith('BIFORMER_ZOO_DEBUG'):
-        monkeypatch.setenv('BIFORMER_ZOO_DEBUG', '1')
-    with pytest.raises(ValueError, match="unknown model 'no_such_model'"):
-        main(['report', 'no_such_model', *([how] if how.startswith('--') else [])])
-
-
-def test_cli_keeps_the_traceback_of_a_bug(monkeypatch):
-    """Only the package's user-facing errors become one line; an unexpected exception type is a bug to report."""
-    def broken(patterns):
-        raise TypeError('a bug')
-    monkeypatch.setattr('biformer_zoo.tools.arguments.resolve_model_names', broken)
-    with pytest.raises(TypeError, match='a bug'):
-        main(['report', 'biformer_tiny'])

@@ -14,8 +14,8 @@ import timm
 import torch
 
 import biformer_zoo  # importing the package registers the models
-from biformer_zoo import cli, weights
-from biformer_zoo.tools import catalog, convert
+from biformer_zoo import weights
+from biformer_zoo.tools import convert
 from biformer_zoo.models import checkpoint_filter_for, list_zoo_models
 from hub_utils import REPO_ROOT, add_to_hub_cache, run_python, serve_hub
 from official_layouts import OFFICIAL_LAYOUTS, TINY, save_official_checkpoint, synth_official_state_dict
@@ -67,12 +67,6 @@ def test_manifest_entries_are_complete():
 def test_packaged_manifest_is_the_repository_manifest():
     assert weights.MANIFEST_PATH.read_bytes() == (REPO_ROOT / 'weights_manifest.json').read_bytes()
 
-
-def test_list_pretrained_shows_every_tag_with_status(capsys):
-    cli.main(['list', '--pretrained', '--format', 'json'])
-    rows = json.loads(capsys.readouterr().out)
-    assert [(r['model'], r['status']) for r in rows] == [
-        (f"{e['architecture']}.{e['tag']}", e['status']) for e in weights.manifest_entries()]
 
 @pytest.mark.parametrize('name,data,match', [
     ('random.pth', bytes(range(256)) * 20, r"is not a checkpoint: it begins with b'\\x00"),
