@@ -339,7 +339,8 @@ def test_create_model_passes_known_names_to_timm():
 
 # ---------------------------------------------------------------------------------------------------------------
 # the command line: (id, argv, the one line on stderr); '{tmp}' is a fresh folder holding file.txt, full/notes.txt
-# (a folder with a stray file), done/ (a previous conversion's README.md and config.json) and damaged.pth
+# (a folder with a stray file), done/ (a previous conversion's README.md and config.json), damaged.pth and the lock
+# of a convert writing locked/
 
 import re  # noqa: E402
 
@@ -402,6 +403,9 @@ CLI = [
     ('convert-out-unwritable', CONVERT + ['/proc/nope/x'],
      r'^biformer-zoo convert: error: --out /proc/nope/x cannot be written \(.*\); pass a folder you can write to$'),
     ('convert-out-under-file', CONVERT + ['{tmp}/file.txt/x'], r'--out .*x cannot be written'),
+    ('convert-out-locked', CONVERT + ['{tmp}/locked'],
+     r'another `biformer-zoo convert` is writing --out .*locked \(its lock .*\.locked\.convert\.lock exists\); wait '
+     r'.* delete .* and run again$'),
     # checkpoints
     ('convert-no-checkpoint', CONVERT[:4] + ['{tmp}/none.pth', '--out', '{tmp}/out'],
      r'checkpoint .*none\.pth does not exist; pass the path of a checkpoint file \(an official \.pth'),
@@ -421,6 +425,7 @@ def test_cli_error_is_one_line_and_exit_status_2(row, tmp_path, capsys, monkeypa
     (tmp_path / 'done').mkdir()
     for name in ('README.md', 'config.json'):
         (tmp_path / 'done' / name).write_text('{}')
+    (tmp_path / '.locked.convert.lock').write_text('1\n')
     code = cli.main([arg.replace('{tmp}', str(tmp_path)) for arg in argv])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
