@@ -130,6 +130,17 @@ MODEL_ARGS = per_model(BIFORMERS, [
     ('out_indices=(4,)', lambda n: meta_create(n, features_only=True, out_indices=(4,)), ValueError,
      r'stage indices \[4\] do not exist: the model has 4 stages'),
     ('output_stride=16', lambda n: meta_create(n, output_stride=16), ValueError, r'output_stride=16 is not supported'),
+    ('out_indices-unsorted', lambda n: meta_create(n, features_only=True, out_indices=(3, 1, 2)), ValueError,
+     r'out_indices=\(3, 1, 2\) is not in increasing order .* pass out_indices=\(1, 2, 3\)$'),
+    ('out_indices-repeated', lambda n: meta_create(n, features_only=True, out_indices=(1, 1, 2)), ValueError,
+     r'out_indices=\(1, 1, 2\) names stage\(s\) \[1\] more than once; .* pass out_indices=\(1, 2\)$'),
+    ('out_indices-repeated-negative', lambda n: meta_create(n, features_only=True, out_indices=(1, -3)), ValueError,
+     r'names stage\(s\) \[1\] more than once'),
+    ('out_indices-list-wrapper', lambda n: meta_create(n, features_only=True, feature_cls='list', out_indices=(2, 0)),
+     ValueError, r'not in increasing order'),
+    ('indices-unsorted', lambda n: lambda: meta_model(n).forward_intermediates(
+        torch.zeros(1, 3, 64, 64, device='meta'), indices=[2, 0]), ValueError,
+     r'indices=\(2, 0\) is not in increasing order .* pass indices=\(0, 2\)$'),
 ])
 
 MODEL_NAMES = [

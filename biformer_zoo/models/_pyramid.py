@@ -1,7 +1,7 @@
 """The timm model contract shared by both families: a stem, four stages, a final norm and a classifier head;
 the checks of the arguments both take, their ``_create_*`` plumbing and the pretrained cfg keys they share."""
 import numbers
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,8 @@ def create_pyramid_model(model_cls: Type['PyramidModel'], variant: str, pretrain
     through the family's checkpoint filter and refusing a file that would load only in part."""
     check_pretrained_tag(variant, kwargs.get('pretrained_cfg'))
     if kwargs.get('features_only') and kwargs.get('out_indices') is not None:  # before timm's wrappers assert
-        depths = kwargs.get('depths')
-        take_indices_of(len(depths) if hasattr(depths, '__len__') else 4, kwargs['out_indices'])
+        num_stages = len(kwargs['depths']) if hasattr(kwargs.get('depths'), '__len__') else 4
+        kwargs['out_indices'] = check_out_indices(num_stages, kwargs['out_indices'])
     kwargs = apply_img_size(check_output_stride(prepare_pretrained(variant, pretrained, kwargs)))
     model = build_model_with_cfg(
         model_cls, variant, pretrained,
@@ -121,19 +121,43 @@ def pretrained_tag(cfg: Any) -> Optional[str]:
     return cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
 
 
+def check_out_indices(num_stages: int, out_indices: Union[int, Sequence[int]], name: str = 'out_indices'
+                      ) -> Tuple[int, ...]:
+    """The stages ``out_indices`` names, read as timm reads them (an int n: the last n stages; a sequence: those
+    stages, a negative index counting from the end), as a tuple of indices from 0.
+
+    Each stage must exist and be named once, in increasing order: the maps come out in stage order, once each, and
+    ``feature_info`` must describe exactly them. Anything else raises a ``ValueError`` naming the tuple to pass.
+    """
+    if isinstance(out_indices, numbers.Integral) and not isinstance(out_indices, bool):
+        if not 0 < out_indices <= num_stages:
+            raise ValueError(f'an int takes the last n stages: n must be between 1 and {num_stages}, got {out_indices}')
+        return tuple(range(num_stages - int(out_indices), num_stages))
+    if isinstance(out_indices, (str, bytes)) or not hasattr(out_indices, '__len__') or not len(out_indices):
+        raise ValueError(f'{name} must name at least one stage (0 to {num_stages - 1}, e.g. (1, 2, 3)), or be an int '
+                         f'n for the last n stages; got {out_indices!r}')
+    bad = [i for i in out_indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+           or not -num_stages <= i < num_stages]
+    if bad:
+        raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
+                         f'{num_stages - 1}, or negative from the end)')
+    stages = tuple(int(i) + num_stages if i < 0 else int(i) for i in out_indices)
+    fix = tuple(sorted(set(stages)))
+    if len(fix) < len(stages):
+        repeated = sorted({i for i in stages if stages.count(i) > 1})
+        raise ValueError(f'{name}={tuple(out_indices)} names stage(s) {repeated} more than once; each stage gives '
+                         f'one map: pass {name}={fix}')
+    if stages != fix:
+        raise ValueError(f'{name}={tuple(out_indices)} is not in increasing order (stages {stages}); the maps come '
+                         f'out in stage order, which feature_info describes: pass {name}={fix}')
+    return stages
+
+
 def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
-    """timm's ``feature_take_indices`` with a ``ValueError`` (not an assertion) for stages that do not exist."""
-    if isinstance(indices, int):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f'an int takes the last n stages: n must be between 1 and {num_stages}, got {indices}')
-    elif indices is not None:
-        if not hasattr(indices, '__len__') or not len(indices):
-            raise ValueError(f'out_indices/indices must name at least one stage (0 to {num_stages - 1}, e.g. '
-                             f'(1, 2, 3)), or be an int n for the last n stages; got {indices!r}')
-        bad = [i for i in indices if not isinstance(i, int) or not -num_stages <= i < num_stages]
-        if bad:
-            raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
-                             f'{num_stages - 1}, or negative from the end)')
+    """timm's ``feature_take_indices``, with the checks of ``check_out_indices`` (``ValueError``s, not assertions;
+    stages named once, in increasing order)."""
+    if indices is not None:
+        check_out_indices(num_stages, indices, name='indices')
     return feature_take_indices(num_stages, indices)
 
 
