@@ -5,6 +5,7 @@ arguments), weights, and the command line (every CLI error is one line on stderr
 on the meta device, so a row costs no memory and no initialisation.
 """
 import functools
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -329,7 +330,103 @@ WEIGHTS = per_model(['biformer_tiny', 'crossformer_tiny'], [
          PretrainedWeightsError, r'is not a readable checkpoint .* download it again'),
 ]
 
-CASES = MODEL_INPUTS + MODEL_ARGS + MODEL_NAMES + LAYERS + WEIGHTS
+# ---------------------------------------------------------------------------------------------------------------
+# dense prediction: builders, heads, presets and UperNet's labels (backbones of one block per stage)
+
+from biformer_zoo import dense  # noqa: E402
+
+SHALLOW = dict(depths=(1, 1, 1, 1))
+
+
+def on_meta(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+    def call():
+        with torch.device('meta'):
+            return build(*args, **kwargs)
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def meta_upernet() -> torch.nn.Module:
+    """UperNet with 150 classes on the meta device: its ``loss`` reads only the tensors it is given."""
+    with torch.device('meta'):
+        return dense.upernet('biformer_tiny', num_classes=150, head_channels=16, aux_channels=8, **SHALLOW)
+
+
+def upernet_loss(labels: Callable[[], torch.Tensor]) -> Callable[[], Any]:
+    """UperNet's loss of (2, 150, 16, 16) logits against ``labels()``."""
+    return lambda: meta_upernet().loss(torch.zeros(2, 150, 16, 16), labels())
+
+
+def train_one_image() -> Any:
+    model = meta_upernet().train()
+    try:
+        return model(torch.zeros(1, 3, 64, 64, device='meta'))
+    finally:
+        model.eval()
+
+
+def preset_path_name(path: Path) -> str:
+    """A preset name that walks from the preset folder to ``path`` (a YAML file), as a path would."""
+    return os.path.relpath(path.with_suffix(''), dense.PRESET_DIR)
+
+
+def write_preset(path: Path) -> None:
+    path.write_text('task: segmentation\nmodel: biformer_tiny\nnum_classes: 3\n')
+
+
+LABELS = r'labels must be classes in \[0, 150\) or ignore_index=255, got '
+DENSE = [
+    Case('upernet-num_classes-text', on_meta(dense.upernet, 'biformer_tiny', num_classes='150', **SHALLOW),
+         ValueError, r"num_classes must be an int, got '150' \(str\); num_classes is the number of output classes"),
+    Case('upernet-num_classes-float', on_meta(dense.upernet, 'biformer_tiny', num_classes=2.5, **SHALLOW),
+         ValueError, r'num_classes must be an int, got 2\.5 \(float\)'),
+    Case('sfpn-num_classes=0', on_meta(dense.semantic_fpn, 'biformer_tiny', num_classes=0, **SHALLOW), ValueError,
+         r'num_classes must be >= 1, got 0'),
+    Case('fpn_channels=0', on_meta(dense.fpn_backbone, 'biformer_tiny', fpn_channels=0, **SHALLOW), ValueError,
+         r'fpn_channels must be >= 1, got 0; fpn_channels is the width of every FPN level'),
+    Case('FPNBackbone-fpn_channels', lambda: dense.FPNBackbone(meta_create('biformer_tiny', features_only=True)(),
+                                                               fpn_channels=256.0), ValueError,
+         r'fpn_channels must be an int, got 256\.0'),
+    Case('frozen_stages=1.5', on_meta(dense.fpn_backbone, 'biformer_tiny', frozen_stages=1.5, **SHALLOW), ValueError,
+         r'frozen_stages must be an int, got 1\.5'),
+    Case('out_indices=2', on_meta(dense.fpn_backbone, 'biformer_tiny', out_indices=2, **SHALLOW), ValueError,
+         r'out_indices must be a sequence of stage indices, e\.g\. \(0, 1, 2, 3\) .* got 2; .* e\.g\. \(2, 3\)$'),
+    Case('fpn-out_indices-unsorted', on_meta(dense.fpn_backbone, 'biformer_tiny', out_indices=(3, 1, 2), **SHALLOW),
+         ValueError, r'not in increasing order .* pass out_indices=\(1, 2, 3\)'),
+    Case('sfpn-extra_blocks', on_meta(dense.semantic_fpn, 'biformer_tiny', num_classes=3, extra_blocks='maxpool'),
+         ValueError, r'extra_blocks cannot be set here: this builder takes the backbone options extra_norm, '
+                     r'fpn_channels, frozen_stages, norm_eval, out_indices \('),
+    Case('upernet-fpn_channels', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, fpn_channels=64),
+         ValueError, r'fpn_channels cannot be set here'),
+    Case('upernet-features_only', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, features_only=False),
+         ValueError, r'features_only cannot be set here'),
+    Case('upernet-head_channels', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, head_channels='512'),
+         ValueError, r"channels must be an int, got '512' \(str\)"),
+    Case('upernet-dropout', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, dropout=1.5, **SHALLOW),
+         ValueError, r'dropout must be a number in \[0, 1\)'),
+    Case('fcn-num_convs', lambda: dense.FCNHead(64, 3, num_convs=0), ValueError, r'num_convs must be >= 1, got 0'),
+    Case('preset-path', with_file('evil.yaml', write_preset, lambda path: dense.upernet(preset_path_name(path))),
+         ValueError, r'is neither a timm model nor a preset'),
+    Case('load_preset-path', with_file('evil.yaml', write_preset, lambda path: dense.load_preset(
+        preset_path_name(path))), ValueError, r'unknown preset .*evil.*; the presets are \['),
+    Case('labels-150', upernet_loss(lambda: torch.full((2, 16, 16), 150)), ValueError, LABELS + r'150; map those'),
+    Case('labels-300', upernet_loss(lambda: torch.full((2, 16, 16), 300)), ValueError, LABELS + '300'),
+    Case('labels--1', upernet_loss(lambda: torch.full((2, 16, 16), -1)), ValueError, LABELS + r'-1; .* or pass the '
+                                                                                              r'ignore_index'),
+    Case('labels-float', upernet_loss(lambda: torch.zeros(2, 16, 16)), ValueError,
+         r'labels must be integer class indices, got dtype torch\.float32; convert them with target\.long\(\)'),
+    Case('labels-half-size', upernet_loss(lambda: torch.zeros(2, 8, 8, dtype=torch.long)), ValueError,
+         r'labels of shape \[2, 8, 8\] do not fit logits of 2 images at 16x16; .* the size of the input images'),
+    Case('labels-3-channels', upernet_loss(lambda: torch.zeros(2, 3, 16, 16, dtype=torch.long)), ValueError,
+         r'labels must be \(B, H, W\) or \(B, 1, H, W\) class indices, got shape \[2, 3, 16, 16\]'),
+    Case('labels-other-batch', upernet_loss(lambda: torch.zeros(3, 16, 16, dtype=torch.long)), ValueError,
+         r'labels of shape \[3, 16, 16\] do not fit logits of 2 images'),
+    Case('upernet-train-batch-1', train_one_image, ValueError,
+         r'cannot train on a batch of 1 image: .* batch size >= 2 .* norm_eval=True .* model\.head\.eval\(\) .* '
+         r'another norm'),
+]
+
+CASES = MODEL_INPUTS + MODEL_ARGS + MODEL_NAMES + LAYERS + WEIGHTS + DENSE
 
 
 @pytest.mark.parametrize('case', CASES, ids=[case.id for case in CASES])

@@ -227,6 +227,12 @@ def test_semantic_fpn_train_step(name: str):
     assert logits.shape == (2, 5, *IMAGE_SIZE) and torch.isfinite(loss) and stem_grad.abs().sum() > 0
 
 
+def test_semantic_fpn_takes_out_indices():
+    with torch.device('meta'):
+        model = semantic_fpn('biformer_tiny', num_classes=3, out_indices=(1, 2, 3))
+    assert (model.backbone.channels, len(model.head.scale_heads)) == ([128, 256, 512], 3)
+
+
 def test_semantic_fpn_needs_num_classes_without_preset():
     with pytest.raises(ValueError, match='num_classes'):
         semantic_fpn('biformer_tiny')

@@ -10,6 +10,7 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from ..layers.helpers import check_int_arg
 from .presets import resolve_settings
 
 __all__ = [
@@ -38,6 +39,7 @@ class FeatureBackbone(nn.Module):
             norm_eval: bool = False,
     ):
         super().__init__()
+        check_int_arg('frozen_stages', frozen_stages, minimum=None, fix='-1 freezes nothing, k the stem and k stages')
         if frozen_stages >= 0:
             model = getattr(body, 'model', None)
             if not (hasattr(model, 'stem') and hasattr(model, 'stages')):
@@ -126,6 +128,8 @@ class FPNBackbone(FeatureBackbone):
     ):
         if extra_blocks not in EXTRA_BLOCKS:
             raise ValueError(f'extra_blocks must be one of {EXTRA_BLOCKS}, got {extra_blocks!r}')
+        check_int_arg('fpn_channels', fpn_channels, fix='fpn_channels is the width of every FPN level (256 in the '
+                                                        'official recipes)')
         super().__init__(body, extra_norm=extra_norm, frozen_stages=frozen_stages, norm_eval=norm_eval)
         in_channels = self.channels
         extra: Optional[ExtraFPNBlock] = None

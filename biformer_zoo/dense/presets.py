@@ -2,14 +2,16 @@
 ``preset_files/`` and loaded by name (``list_presets``, ``load_preset``), and how a builder's arguments combine with
 them (``resolve_settings``, ``head_settings``)."""
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import yaml
 
+from ..layers.helpers import check_int_arg
+
 __all__ = [
     'PRESET_DIR', 'BACKBONE_DEFAULTS', 'list_presets', 'load_preset', 'resolve_settings', 'preset_num_classes',
-    'head_settings']
+    'head_settings', 'check_num_classes']
 
 PRESET_DIR = Path(__file__).parent / 'preset_files'
 _TASKS = ('detection', 'segmentation')
@@ -28,20 +30,21 @@ def list_presets(task: Optional[str] = None) -> List[str]:
     return [name for name in names if load_preset(name)['task'] == task]
 
 
+def is_preset(name: Any) -> bool:
+    """Whether ``name`` is one of ``list_presets()``: a name, never a path (it is not joined to the folder before)."""
+    return isinstance(name, str) and name in list_presets()
+
+
 def load_preset(name: str) -> Dict[str, Any]:
-    """The preset ``name`` as a dict: ``task``, ``model``, ``backbone`` options, ``model_kwargs`` and the recipe."""
-    path = PRESET_DIR / f'{name}.yaml'
-    if not path.is_file():
+    """The preset ``name`` (one of ``list_presets()``) as a dict: ``task``, ``model``, ``backbone`` options,
+    ``model_kwargs`` and the recipe."""
+    if not is_preset(name):
         raise ValueError(f'unknown preset {name!r}; the presets are {list_presets()}')
-    with open(path) as f:
+    with open(PRESET_DIR / f'{name}.yaml') as f:
         preset = yaml.safe_load(f)
     preset.setdefault('backbone', {})
     preset.setdefault('model_kwargs', {})
     return preset
-
-
-def is_preset(name: str) -> bool:
-    return (PRESET_DIR / f'{name}.yaml').is_file()
 
 
 def _is_model_name(name: str) -> bool:
@@ -49,6 +52,24 @@ def _is_model_name(name: str) -> bool:
     architecture, tag = timm.models.split_model_name_tag(name)
     return timm.is_model(architecture) and (not tag or name in timm.list_pretrained(f'{architecture}.*'))
 
+
+
+def _out_indices_tuple(out_indices: Any) -> Tuple[int, ...]:
+    """``out_indices`` as a tuple; a ``ValueError`` for anything but a sequence of stage indices."""
+    if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence):
+        raise ValueError(f'out_indices must be a sequence of stage indices, e.g. (0, 1, 2, 3) or (1, 2, 3), got '
+                         f'{out_indices!r}; for the last n stages pass them, e.g. (2, 3)')
+    return tuple(out_indices)
+
+
+def _check_model_kwargs(options: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
+    """Refuse a backbone option this builder does not take (it would reach ``timm.create_model`` as a model
+    argument), and ``features_only`` (the builders set it)."""
+    misplaced = sorted(k for k in model_kwargs if k in BACKBONE_DEFAULTS or k in ('features_only', 'pretrained_cfg'))
+    if misplaced:
+        raise ValueError(f'{", ".join(misplaced)} cannot be set here: this builder takes the backbone options '
+                         f'{", ".join(sorted(options))} (others are fixed by it), and the rest goes to '
+                         f'timm.create_model as model arguments')
 
 
 def resolve_settings(
@@ -73,10 +94,13 @@ def resolve_settings(
         raise ValueError(
             f'{name!r} is neither a timm model nor a preset; pass a model name such as biformer_small '
             f'(see biformer_zoo.list_zoo_models()) or one of the presets {list_presets(task)}')
+    _check_model_kwargs(options, model_kwargs)
     resolved = dict(BACKBONE_DEFAULTS)
     resolved.update(preset.get('backbone', {}))
     resolved.update({k: v for k, v in options.items() if v is not None})
-    resolved['out_indices'] = tuple(resolved['out_indices'])
+    resolved['out_indices'] = _out_indices_tuple(resolved['out_indices'])
+    check_int_arg('fpn_channels', resolved['fpn_channels'], fix='fpn_channels is the width of every FPN level (256 '
+                                                               'in the official recipes)')
     merged_kwargs = dict(preset.get('model_kwargs', {}))
     merged_kwargs.update(model_kwargs)
     if 'topks' in merged_kwargs:  # YAML has lists; the model takes a tuple with None for global attention
@@ -89,7 +113,13 @@ def preset_num_classes(builder: str, name: str, num_classes: Optional[int], pres
     num_classes = num_classes if num_classes is not None else preset.get('num_classes')
     if num_classes is None:
         raise ValueError(f'{builder}({name!r}) needs num_classes (e.g. num_classes=150 for ADE20K)')
+    check_num_classes(num_classes)
     return num_classes
+
+
+def check_num_classes(num_classes: Any) -> None:
+    """Raise a ``ValueError`` unless ``num_classes`` is an int >= 1."""
+    check_int_arg('num_classes', num_classes, fix='num_classes is the number of output classes, e.g. 150 for ADE20K')
 
 
 def head_settings(
