@@ -99,6 +99,28 @@ MODEL_ARGS = per_model(BIFORMERS, [
     ('topk=0', lambda n: meta_create(n, topks=(0, 4, 16, None)), ValueError, r'between 1 and n_win\*\*2'),
     ('3-topks', lambda n: meta_create(n, topks=(1, 4, 16)), ValueError, r'one entry per stage'),
     ('stem_type', lambda n: meta_create(n, stem_type='conv'), ValueError, r"stem_type must be 'overlap' or 'patch'"),
+    ('depths=-1', lambda n: meta_create(n, depths=(-1, 2, 8, 2)), ValueError,
+     r'depths\[0\] must be >= 0, got -1; depths gives the blocks of each stage, e\.g\. \(4, 4, 18, 4\)'),
+    ('depths=2.5', lambda n: meta_create(n, depths=(2, 2.5, 8, 2)), ValueError, r'depths\[1\] must be an int, got 2\.5'),
+    ('embed_dims=0', lambda n: meta_create(n, embed_dims=(64, 0, 256, 512)), ValueError,
+     r'embed_dims\[1\] must be >= 1, got 0'),
+    ('mlp_ratios=-1', lambda n: meta_create(n, mlp_ratios=(-1, 3, 3, 3)), ValueError,
+     r'mlp_ratios\[0\] must be a number > 0 giving at least one hidden channel \(int\(mlp_ratios\[0\] \* \d+\)\), '
+     r'got -1'),
+    ('mlp_ratios=0', lambda n: meta_create(n, mlp_ratios=(0, 3, 3, 3)), ValueError, r'mlp_ratios\[0\] .* got 0;'),
+    ('head_dim=40', lambda n: meta_create(n, head_dim=40), ValueError,
+     r'^head_dim=40 must divide the width of every stage with routed attention \(\d+, \d+, \d+\) .* use head_dim '
+     r'from \[1, 2, .*32.*\]'),
+    ('global_num_heads=7', lambda n: meta_create(n, global_num_heads=7), ValueError,
+     r'^global_num_heads=7 must divide the width of every stage with global attention \(\d+,\); use '
+     r'global_num_heads from \[1, 2, .*8.*\]'),
+    ('global_num_heads=0', lambda n: meta_create(n, global_num_heads=0), ValueError,
+     r'global_num_heads must be >= 1, got 0'),
+]) + per_model(CROSSFORMERS, [
+    ('depths=-1', lambda n: meta_create(n, depths=(2, -1, 6, 2)), ValueError, r'depths\[1\] must be >= 0, got -1'),
+    ('mlp_ratio=0', lambda n: meta_create(n, mlp_ratio=0), ValueError,
+     r'mlp_ratio must be a number > 0 giving at least one hidden channel .* got 0'),
+    ('mlp_ratio=-1', lambda n: meta_create(n, mlp_ratio=-1.), ValueError, r'mlp_ratio must be a number > 0 .* got -1\.0'),
 ]) + per_model(CROSSFORMERS, [
     ('group_size=0', lambda n: meta_create(n, group_size=0), ValueError,
      r'group_size and interval must be >= 1, got 0'),

@@ -47,6 +47,22 @@ def check_per_stage(name: str, value: Any, example: str) -> None:
         raise ValueError(f'{name} needs one entry per stage, e.g. {name}={example}; got {value!r}')
 
 
+def check_depths(depths: Any, example: str) -> None:
+    """Raise a ``ValueError`` unless ``depths`` gives each stage an int >= 0 blocks (0: the stage is its downsampling
+    only, as the official code allows)."""
+    check_per_stage('depths', depths, example)
+    for i, depth in enumerate(depths):
+        check_int_arg(f'depths[{i}]', depth, minimum=0, fix=f'depths gives the blocks of each stage, e.g. {example}')
+
+
+def check_mlp_ratio(name: str, ratio: Any, dim: int) -> None:
+    """Raise a ``ValueError`` unless ``ratio`` (the argument ``name``) gives an MLP of ``dim`` channels a hidden
+    width ``int(ratio * dim)`` of at least 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (ratio > 0 and int(ratio * dim) >= 1):
+        raise ValueError(f'{name} must be a number > 0 giving at least one hidden channel (int({name} * {dim})), got '
+                         f'{ratio!r}; the official models use 3 (BiFormer) or 4 (BiFormer-STL, CrossFormer)')
+
+
 def check_head_args(num_classes: int, global_pool: str) -> None:
     """A classifier needs pooled features: ``global_pool=''`` keeps the map, so only ``num_classes=0`` fits it."""
     check_int_arg('num_classes', num_classes, minimum=0, fix='use 0 for no classifier')
