@@ -55,7 +55,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             update_manifest=args.update_manifest, measure_flops=not args.no_flops, progress=not args.quiet,
             overwrite=args.overwrite)
     gflops = f'{result.gflops:.3f}' if result.gflops is not None else 'not measured'
-    print(f'{result.model}: wrote {result.out_dir} (model.safetensors, config.json, README.md)\n'
+    print(f'{result.model}: wrote {result.out_dir} (model.safetensors, config.json, README.md, conversion.json)\n'
           f'params {result.params:,}, GFLOPs {gflops}\n'
           f'sha256 {result.sha256}  {result.weights_file} ({result.size:,} bytes)')
     if result.pushed_to:

@@ -15,8 +15,8 @@ import contextlib
 import ctypes
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +265,14 @@ def conversion_lock(out_dir: PathLike) -> Iterator[Path]:
             lock.unlink()
 
 
+def _new_folder_beside(out_dir: Path, what: str) -> Path:
+    """A new empty folder ``.<name>.<what>-<random>`` beside ``out_dir``, with the permissions a plain mkdir gives
+    (``tempfile.mkdtemp``'s 0700 would become ``--out``'s)."""
+    folder = out_dir.with_name(f'.{out_dir.name}.{what}-{secrets.token_hex(4)}')
+    folder.mkdir()
+    return folder
+
+
 @contextlib.contextmanager
 def _staging_folder(out_dir: Path) -> Iterator[Path]:
     """Hold the lock beside ``out_dir`` and yield a new temporary folder beside it; on the way out the folder (if not
@@ -273,7 +281,7 @@ def _staging_folder(out_dir: Path) -> Iterator[Path]:
     try:
         with conversion_lock(out_dir):
             try:
-                staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.converting-', dir=out_dir.parent))
+                staging = _new_folder_beside(out_dir, 'converting')
             except OSError as e:
                 raise _unwritable(out_dir, e) from None
             try:
@@ -322,16 +330,15 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
     """Rename the finished ``staging`` folder to ``out_dir``. An ``out_dir`` holding files (``overwrite``) is swapped
-    for it in one rename, with the user's other files carried over first; the old folder ends in ``staging``, which
-    the caller removes."""
+    for it in one rename, with the user's other files carried over first; the old folder then ends at ``staging``'s
+    path, which the caller removes."""
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
         os.replace(staging, out_dir)  # a missing or empty out_dir
-        staging.mkdir()  # the caller removes it
         return
     _carry_user_files(out_dir, staging)
     if _exchange(staging, out_dir):
         return
-    aside = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.replaced-', dir=out_dir.parent))
+    aside = _new_folder_beside(out_dir, 'replaced')
     os.replace(out_dir, aside)  # interrupted after this, the old conversion is whole in `aside`
     os.replace(staging, out_dir)
     os.replace(aside, staging)
@@ -475,8 +482,9 @@ def convert_checkpoint(
     checkpoint = Path(checkpoint)
     check_checkpoint_file(checkpoint)  # before the lock: a missing or wrong checkpoint leaves nothing behind
     model_tag = f'{model_name}.{tag}'
-    with _staging_folder(out_dir) as staging:
-        _check_out_dir(out_dir, overwrite)  # again, now that no other convert can write it
+    target = Path(os.path.realpath(out_dir))  # a link to a folder: the lock and the new folder go beside the folder
+    with _staging_folder(target) as staging:
+        _check_out_dir(target, overwrite)  # again, now that no other convert can write it
         source_sha256 = sha256_file(checkpoint, progress=progress)
         model = _load_converted_model(checkpoint, model_tag, entry, progress)
         _check_forward(model, model_tag, progress)
@@ -492,7 +500,7 @@ def convert_checkpoint(
         _write_record(staging, model_tag)
         if keep_published:
             _check_published(entry, result)
-        _move_into_place(staging, out_dir)
+        _move_into_place(staging, target)
     if push:
         result.pushed_to = push_to_hub(out_dir, push)
     if update_manifest:
