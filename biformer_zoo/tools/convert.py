@@ -13,6 +13,7 @@ not uploaded). ``push_to_hub`` uploads only a folder whose files still match tha
 """
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import secrets
@@ -143,6 +144,13 @@ def _record_files(folder: Path, files: Sequence[str]) -> Dict[str, Dict[str, Any
     return {name: dict(size=(folder / name).stat().st_size, sha256=sha256_file(folder / name)) for name in files}
 
 
+def _describe(entry: Any) -> str:
+    """A record entry as '<size> bytes, sha256 <first 12>...'."""
+    if not (isinstance(entry, dict) and isinstance(entry.get('size'), int) and isinstance(entry.get('sha256'), str)):
+        return f'{entry!r}' if entry is not None else 'nothing'
+    return f"{entry['size']:,} bytes, sha256 {entry['sha256'][:12]}..."
+
+
 def check_recorded_files(folder: PathLike, files: Sequence[str] = CONVERTED_FILES) -> None:
     """Raise a ``ValueError`` unless each of ``files`` in ``folder`` has the size and sha256 that convert recorded in
     its ``conversion.json``: a file changed, damaged or cut short since it was written is never uploaded."""
@@ -156,9 +164,7 @@ def check_recorded_files(folder: PathLike, files: Sequence[str] = CONVERTED_FILE
         raise ValueError(f'{folder} has no readable {RECORD_FILE} ({e}), the record of what `biformer-zoo convert` '
                          f'wrote; convert again into a new folder (or with --overwrite) and push that') from None
     measured = _record_files(folder, files)
-    changed = [f"{name} ({m['size']:,} bytes, sha256 {m['sha256'][:12]}...; recorded "
-               + (f"{recorded[name]['size']:,} bytes, sha256 {recorded[name]['sha256'][:12]}...)"
-                  if name in recorded else 'nothing)')
+    changed = [f'{name} ({_describe(m)}; recorded {_describe(recorded.get(name))})'
                for name, m in measured.items() if recorded.get(name) != m]
     if changed:
         raise ValueError(f"{folder} holds files that are not what convert wrote: {'; '.join(changed)}. Nothing was "
@@ -322,10 +328,10 @@ def _exchange(a: Path, b: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
         return True
-    errno = ctypes.get_errno()
-    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no exchange here
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange on this system or file system
         return False
-    raise OSError(errno, os.strerror(errno), str(b))
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
