@@ -65,7 +65,7 @@ def _out_indices_tuple(out_indices: Any) -> Tuple[int, ...]:
 def _check_model_kwargs(options: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
     """Refuse a backbone option this builder does not take (it would reach ``timm.create_model`` as a model
     argument), and ``features_only`` (the builders set it)."""
-    misplaced = sorted(k for k in model_kwargs if k in BACKBONE_DEFAULTS or k in ('features_only', 'pretrained_cfg'))
+    misplaced = sorted(k for k in model_kwargs if k in BACKBONE_DEFAULTS or k == 'features_only')
     if misplaced:
         raise ValueError(f'{", ".join(misplaced)} cannot be set here: this builder takes the backbone options '
                          f'{", ".join(sorted(options))} (others are fixed by it), and the rest goes to '
@@ -99,8 +99,6 @@ def resolve_settings(
     resolved.update(preset.get('backbone', {}))
     resolved.update({k: v for k, v in options.items() if v is not None})
     resolved['out_indices'] = _out_indices_tuple(resolved['out_indices'])
-    check_int_arg('fpn_channels', resolved['fpn_channels'], fix='fpn_channels is the width of every FPN level (256 '
-                                                               'in the official recipes)')
     merged_kwargs = dict(preset.get('model_kwargs', {}))
     merged_kwargs.update(model_kwargs)
     if 'topks' in merged_kwargs:  # YAML has lists; the model takes a tuple with None for global attention
