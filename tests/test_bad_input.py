@@ -431,6 +431,17 @@ DENSE = [
          ValueError, r'is neither a timm model nor a preset'),
     Case('load_preset-path', with_file('evil.yaml', write_preset, lambda path: dense.load_preset(
         preset_path_name(path))), ValueError, r'unknown preset .*evil.*; the presets are \['),
+    Case('preset_file-and-name', with_file('mine.yaml', write_preset, lambda path: dense.upernet(
+        'biformer_tiny', preset_file=path)), ValueError, r"pass a model or preset name, or preset_file, not both"),
+    Case('preset_file-missing', lambda: dense.upernet(preset_file='/nonexistent/mine.yaml'), ValueError,
+         r'preset_file /nonexistent/mine\.yaml cannot be read as YAML \(.*\); pass the path of a preset file'),
+    Case('preset_file-not-a-preset', with_file('mine.yaml', lambda path: path.write_text('- 1\n'),
+                                               lambda path: dense.upernet(preset_file=path)), ValueError,
+         r'must be a mapping with at least task and model, .* got a list'),
+    Case('preset_file-other-task', with_file('mine.yaml', write_preset, lambda path: dense.fpn_backbone(
+        preset_file=path)), ValueError, r'preset_file .*mine\.yaml is a segmentation preset, not a detection one'),
+    Case('no-name', lambda: dense.fpn_backbone(), ValueError, r'None is neither a timm model nor a preset; .* or '
+                                                              r'preset_file=$'),
     Case('labels-150', upernet_loss(lambda: torch.full((2, 16, 16), 150)), ValueError, LABELS + r'150; map those'),
     Case('labels-300', upernet_loss(lambda: torch.full((2, 16, 16), 300)), ValueError, LABELS + '300'),
     Case('labels--1', upernet_loss(lambda: torch.full((2, 16, 16), -1)), ValueError, LABELS + r'-1; .* or pass the '

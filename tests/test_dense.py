@@ -201,6 +201,14 @@ def test_segmentation_preset_sets_classes_and_groups():
     assert got == (preset['num_classes'], 7, 8, None)
 
 
+def test_preset_file_of_ones_own_sets_its_options(tmp_path):
+    path = tmp_path / 'mine.yaml'
+    path.write_text('task: detection\nmodel: biformer_tiny\nbackbone:\n  fpn_channels: 32\nmodel_kwargs:\n  n_win: 4\n')
+    with torch.device('meta'):
+        backbone = fpn_backbone(preset_file=path)
+    assert (backbone.out_channels, backbone.body.model.stages[0].blocks[0].attn.num_regions) == (32, 4)
+
+
 def test_preset_of_the_other_task_raises():
     with pytest.raises(ValueError, match='segmentation preset'):
         fpn_backbone('biformer_small.ade20k_sfpn')

@@ -1,7 +1,8 @@
 """The feature backbone of the dense models (a ``features_only`` timm model with optional per-level norms, frozen
 stages and BatchNorms in eval mode) and torchvision's FPN on it, for torchvision's detectors (``fpn_backbone``)."""
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
@@ -174,7 +175,7 @@ def build_fpn_backbone(
 
 
 def fpn_backbone(
-        name: str,
+        name: Optional[str] = None,
         pretrained: bool = False,
         out_indices: Optional[Sequence[int]] = None,
         fpn_channels: Optional[int] = None,
@@ -182,6 +183,7 @@ def fpn_backbone(
         norm_eval: Optional[bool] = None,
         extra_norm: Optional[bool] = None,
         extra_blocks: Optional[str] = None,
+        preset_file: Optional[Union[str, Path]] = None,
         **model_kwargs: Any,
 ) -> FPNBackbone:
     """A torchvision-compatible FPN backbone from a zoo model (or any timm model with ``features_only``).
@@ -197,6 +199,8 @@ def fpn_backbone(
         extra_norm: LayerNorm on each level before the FPN; default True.
         extra_blocks: 'maxpool' (default; levels + ``'pool'``), 'p6p7' (RetinaNet's P6/P7 from the last stage) or
             'none'.
+        preset_file: A detection preset of your own (a YAML file laid out as those in ``preset_files/``), instead of
+            ``name``.
         **model_kwargs: Passed to ``timm.create_model`` (e.g. ``n_win=16``, ``drop_path_rate=0.2``); they update the
             preset's.
 
@@ -205,5 +209,5 @@ def fpn_backbone(
     """
     options = dict(out_indices=out_indices, fpn_channels=fpn_channels, frozen_stages=frozen_stages,
                    norm_eval=norm_eval, extra_norm=extra_norm, extra_blocks=extra_blocks)
-    model_name, settings, kwargs, _ = resolve_settings(name, 'detection', options, model_kwargs)
+    model_name, settings, kwargs, _ = resolve_settings(name, 'detection', options, model_kwargs, preset_file)
     return build_fpn_backbone(model_name, pretrained, settings, **kwargs)

@@ -1,7 +1,8 @@
 """The Semantic FPN segmentation model (Kirillov et al., 2019; mmseg ``FPNHead``) on a zoo backbone, and the
 conv-norm-ReLU unit the segmentation heads share."""
 import math
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -94,7 +95,7 @@ class SemanticFPN(nn.Module):
 
 
 def semantic_fpn(
-        name: str,
+        name: Optional[str] = None,
         num_classes: Optional[int] = None,
         pretrained: bool = False,
         out_indices: Optional[Sequence[int]] = None,
@@ -104,6 +105,7 @@ def semantic_fpn(
         frozen_stages: Optional[int] = None,
         norm_eval: Optional[bool] = None,
         extra_norm: Optional[bool] = None,
+        preset_file: Optional[Union[str, Path]] = None,
         **model_kwargs: Any,
 ) -> SemanticFPN:
     """A Semantic FPN segmentation model on a zoo backbone (as in the BiFormer and CrossFormer ADE20K tables).
@@ -118,6 +120,8 @@ def semantic_fpn(
         head_channels: Channels of the decoder convs; default 128 (as in the official configs).
         dropout: Dropout before the classifier; default 0.1 (as in the official configs).
         frozen_stages, norm_eval, extra_norm: As in ``fpn_backbone`` (defaults -1, False, True).
+        preset_file: A segmentation preset of your own (a YAML file laid out as those in ``preset_files/``), instead
+            of ``name``.
         **model_kwargs: Passed to ``timm.create_model``; they update the preset's.
 
     Returns:
@@ -125,11 +129,12 @@ def semantic_fpn(
     """
     options = dict(out_indices=out_indices, fpn_channels=fpn_channels, frozen_stages=frozen_stages,
                    norm_eval=norm_eval, extra_norm=extra_norm)
-    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs)
+    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs, preset_file)
     settings['extra_blocks'] = 'none'  # the head reads the FPN levels only
-    num_classes = preset_num_classes('semantic_fpn', name, num_classes, preset)
+    label = name or str(preset_file)
+    num_classes = preset_num_classes('semantic_fpn', label, num_classes, preset)
     head_cfg = head_settings(
-        name, preset, 'SemanticFPN', dict(channels=128, dropout=0.1), dict(channels=head_channels, dropout=dropout))
+        label, preset, 'SemanticFPN', dict(channels=128, dropout=0.1), dict(channels=head_channels, dropout=dropout))
     backbone = build_fpn_backbone(model_name, pretrained, settings, **kwargs)
     head = SemanticFPNHead(
         backbone.out_channels, backbone.body.feature_info.reduction(), num_classes,

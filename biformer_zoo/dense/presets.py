@@ -2,7 +2,7 @@
 ``preset_files/`` and loaded by name (``list_presets``, ``load_preset``), and how a builder's arguments combine with
 them (``resolve_settings``, ``head_settings``)."""
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import yaml
@@ -10,8 +10,8 @@ import yaml
 from ..layers.helpers import check_int_arg
 
 __all__ = [
-    'PRESET_DIR', 'BACKBONE_DEFAULTS', 'list_presets', 'load_preset', 'resolve_settings', 'preset_num_classes',
-    'head_settings', 'check_num_classes']
+    'PRESET_DIR', 'BACKBONE_DEFAULTS', 'list_presets', 'load_preset', 'load_preset_file', 'resolve_settings',
+    'preset_num_classes', 'head_settings', 'check_num_classes']
 
 PRESET_DIR = Path(__file__).parent / 'preset_files'
 _TASKS = ('detection', 'segmentation')
@@ -39,12 +39,9 @@ def load_preset(name: str) -> Dict[str, Any]:
     """The preset ``name`` (one of ``list_presets()``) as a dict: ``task``, ``model``, ``backbone`` options,
     ``model_kwargs`` and the recipe."""
     if not is_preset(name):
-        raise ValueError(f'unknown preset {name!r}; the presets are {list_presets()}')
-    with open(PRESET_DIR / f'{name}.yaml') as f:
-        preset = yaml.safe_load(f)
-    preset.setdefault('backbone', {})
-    preset.setdefault('model_kwargs', {})
-    return preset
+        raise ValueError(f'unknown preset {name!r}; the presets are {list_presets()} (a file of your own: '
+                         f'load_preset_file, or preset_file= in the builders)')
+    return load_preset_file(PRESET_DIR / f'{name}.yaml')
 
 
 def _is_model_name(name: str) -> bool:
@@ -72,28 +69,59 @@ def _check_model_kwargs(options: Dict[str, Any], model_kwargs: Dict[str, Any]) -
                          f'timm.create_model as model arguments')
 
 
+def load_preset_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """A preset of one's own: a YAML file laid out as those in ``preset_files/`` (``task``, ``model``, and optionally
+    ``backbone``, ``model_kwargs``, ``num_classes``, ``head``), as a dict."""
+    try:
+        with open(path) as f:
+            preset = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f'preset_file {path} cannot be read as YAML ({e}); pass the path of a preset file laid out '
+                         f'as those in {PRESET_DIR}') from None
+    if not isinstance(preset, dict) or not {'task', 'model'} <= set(preset):
+        got = f'keys {sorted(preset)}' if isinstance(preset, dict) else f'a {type(preset).__name__}'
+        raise ValueError(f'preset_file {path} must be a mapping with at least task and model, as the files in '
+                         f'{PRESET_DIR}; got {got}')
+    preset.setdefault('backbone', {})
+    preset.setdefault('model_kwargs', {})
+    return preset
+
+
+def _preset_and_model(name: Optional[str], task: str, preset_file: Optional[Union[str, Path]]
+                      ) -> Tuple[Dict[str, Any], str]:
+    """The preset (empty for a plain model name) and the model it builds, for a ``name`` or a ``preset_file``."""
+    if preset_file is not None:
+        if name is not None:
+            raise ValueError(f'pass a model or preset name, or preset_file, not both; got {name!r} and '
+                             f'preset_file={str(preset_file)!r}')
+        preset, label = load_preset_file(preset_file), f'preset_file {preset_file}'
+    elif is_preset(name):
+        preset, label = load_preset(name), f'preset {name!r}'
+    elif isinstance(name, str) and _is_model_name(name):
+        return {}, name
+    else:
+        raise ValueError(
+            f'{name!r} is neither a timm model nor a preset; pass a model name such as biformer_small '
+            f'(see biformer_zoo.list_zoo_models()), one of the presets {list_presets(task)}, or preset_file=')
+    if preset['task'] != task:
+        raise ValueError(
+            f"{label} is a {preset['task']} preset, not a {task} one; use one of {list_presets(task)}")
+    return preset, preset['model']
+
+
 def resolve_settings(
-        name: str,
+        name: Optional[str],
         task: str,
         options: Dict[str, Any],
         model_kwargs: Dict[str, Any],
+        preset_file: Optional[Union[str, Path]] = None,
 ) -> Tuple[str, Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Model name, backbone options, model kwargs and the preset (empty for a plain model name).
 
+    ``name`` is a model or a preset name; a preset of one's own comes as ``preset_file`` (then ``name`` is None).
     Options given as None fall back to the preset, then to ``BACKBONE_DEFAULTS``.
     """
-    preset: Dict[str, Any] = {}
-    model_name = name
-    if is_preset(name):
-        preset = load_preset(name)
-        if preset['task'] != task:
-            raise ValueError(
-                f"preset {name!r} is a {preset['task']} preset, not a {task} one; use one of {list_presets(task)}")
-        model_name = preset['model']
-    elif not _is_model_name(name):
-        raise ValueError(
-            f'{name!r} is neither a timm model nor a preset; pass a model name such as biformer_small '
-            f'(see biformer_zoo.list_zoo_models()) or one of the presets {list_presets(task)}')
+    preset, model_name = _preset_and_model(name, task, preset_file)
     _check_model_kwargs(options, model_kwargs)
     resolved = dict(BACKBONE_DEFAULTS)
     resolved.update(preset.get('backbone', {}))

@@ -10,6 +10,7 @@ own, which ``UPerHead`` does not have: those are replaced by identities (the off
 are the backbone's ``extra_norm``), so the head has exactly ``UPerHead``'s parameters. The auxiliary ``FCNHead`` is
 written here: smp has no such head.
 """
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -243,7 +244,7 @@ def check_labels(target: Any, logits: torch.Tensor, ignore_index: int = 255) -> 
 
 
 def upernet(
-        name: str,
+        name: Optional[str] = None,
         num_classes: Optional[int] = None,
         pretrained: bool = False,
         out_indices: Optional[Sequence[int]] = None,
@@ -254,6 +255,7 @@ def upernet(
         frozen_stages: Optional[int] = None,
         norm_eval: Optional[bool] = None,
         extra_norm: Optional[bool] = None,
+        preset_file: Optional[Union[str, Path]] = None,
         **model_kwargs: Any,
 ) -> UperNet:
     """An UperNet segmentation model on a zoo backbone (as in the BiFormer and CrossFormer ADE20K tables).
@@ -270,16 +272,19 @@ def upernet(
         aux_head: Add the auxiliary FCN head on the stride-16 level (used in training only).
         aux_channels: Channels of the auxiliary head's conv; default 256.
         frozen_stages, norm_eval, extra_norm: As in ``fpn_backbone`` (defaults -1, False, True).
+        preset_file: A segmentation preset of your own (a YAML file laid out as those in ``preset_files/``), instead
+            of ``name``.
         **model_kwargs: Passed to ``timm.create_model``; they update the preset's.
 
     Returns:
         An ``UperNet``: (B, 3, H, W) images to (B, num_classes, H, W) logits; ``(logits, aux_logits)`` in training.
     """
     options = dict(out_indices=out_indices, frozen_stages=frozen_stages, norm_eval=norm_eval, extra_norm=extra_norm)
-    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs)
-    num_classes = preset_num_classes('upernet', name, num_classes, preset)
+    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs, preset_file)
+    label = name or str(preset_file)
+    num_classes = preset_num_classes('upernet', label, num_classes, preset)
     cfg = head_settings(
-        name, preset, 'UperNet', _HEAD_DEFAULTS,
+        label, preset, 'UperNet', _HEAD_DEFAULTS,
         dict(channels=head_channels, dropout=dropout, aux_channels=aux_channels))
     backbone = build_feature_backbone(model_name, pretrained, settings, **kwargs)
     channels: List[int] = backbone.channels
