@@ -7,10 +7,13 @@ are torch's out-of-memory errors). Any other exception (``TypeError``, ``KeyErro
 traceback. ``--traceback`` (or ``BIFORMER_ZOO_DEBUG=1``) shows the full traceback of any error.
 """
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from typing import List, Optional
+import threading
+from typing import Any, Iterator, List, Optional
 
 from .tools.bench import AMP_DTYPES, BENCH_FORMATS, DEFAULT_BASELINE, MODES
 from .tools.report import REPORT_FORMATS
@@ -28,13 +31,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Inside, SIGTERM raises ``SystemExit(143)`` (in the main thread), so that a killed run still unwinds: convert
+    then removes its temporary folder and its lock."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .tools.convert import convert_checkpoint
-    result = convert_checkpoint(
-        args.model, args.checkpoint, args.out, tag=args.tag, push=args.push, update_manifest=args.update_manifest,
-        measure_flops=not args.no_flops, progress=not args.quiet, overwrite=args.overwrite)
+    with _terminate_as_exit():
+        result = convert_checkpoint(
+            args.model, args.checkpoint, args.out, tag=args.tag, push=args.push,
+            update_manifest=args.update_manifest, measure_flops=not args.no_flops, progress=not args.quiet,
+            overwrite=args.overwrite, use_ema=not args.no_ema)
     gflops = f'{result.gflops:.3f}' if result.gflops is not None else 'not measured'
-    print(f'{result.model}: wrote {result.out_dir} (model.safetensors, config.json, README.md)\n'
+    print(f'{result.model}: wrote {result.out_dir} (model.safetensors, config.json, README.md, conversion.json)\n'
           f'params {result.params:,}, GFLOPs {gflops}\n'
           f'sha256 {result.sha256}  {result.weights_file} ({result.size:,} bytes)')
     if result.pushed_to:
@@ -120,16 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                           '(model.safetensors, config.json, README.md)')
     p.add_argument('--model', required=True, help='zoo model name, e.g. biformer_small')
     p.add_argument('--checkpoint', required=True, help='the official .pth file (loaded with weights_only=True)')
-    p.add_argument('--out', required=True, help='folder to write: new or empty, unless --overwrite')
+    p.add_argument('--out', required=True,
+                   help='folder to write: new or empty, unless --overwrite (written beside it, then renamed into '
+                        'place; one convert at a time per folder)')
     p.add_argument('--overwrite', action='store_true',
-                   help='write into --out although it holds files (a previous conversion is replaced; other files '
-                        'are kept and never uploaded)')
+                   help='replace --out although it holds files, in one rename (a previous conversion is replaced; '
+                        'other files are kept and never uploaded)')
     p.add_argument('--tag', default='in1k', help='pretrained tag in the weights manifest (default: in1k)')
     p.add_argument('--push', metavar='REPO',
-                   help='upload the converted files (only those) to this Hub repo (token from HF_TOKEN)')
+                   help='upload the converted files (only those, checked against conversion.json) to this Hub repo '
+                        '(token from HF_TOKEN)')
     p.add_argument('--update-manifest', action='store_true',
                    help='record sha256, size and status in weights_manifest.json')
     p.add_argument('--no-flops', action='store_true', help='skip counting FLOPs for the model card')
+    p.add_argument('--no-ema', action='store_true',
+                   help="take the checkpoint's 'model' weights even where it holds EMA weights (model_ema, "
+                        "state_dict_ema), which are taken by default, as on every load path")
     p.add_argument('--quiet', action='store_true', help='no progress output')
     p.set_defaults(func=cmd_convert)
 

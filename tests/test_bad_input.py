@@ -5,6 +5,7 @@ arguments), weights, and the command line (every CLI error is one line on stderr
 on the meta device, so a row costs no memory and no initialisation.
 """
 import functools
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -98,6 +99,28 @@ MODEL_ARGS = per_model(BIFORMERS, [
     ('topk=0', lambda n: meta_create(n, topks=(0, 4, 16, None)), ValueError, r'between 1 and n_win\*\*2'),
     ('3-topks', lambda n: meta_create(n, topks=(1, 4, 16)), ValueError, r'one entry per stage'),
     ('stem_type', lambda n: meta_create(n, stem_type='conv'), ValueError, r"stem_type must be 'overlap' or 'patch'"),
+    ('depths=-1', lambda n: meta_create(n, depths=(-1, 2, 8, 2)), ValueError,
+     r'depths\[0\] must be >= 0, got -1; depths gives the blocks of each stage, e\.g\. \(4, 4, 18, 4\)'),
+    ('depths=2.5', lambda n: meta_create(n, depths=(2, 2.5, 8, 2)), ValueError, r'depths\[1\] must be an int, got 2\.5'),
+    ('embed_dims=0', lambda n: meta_create(n, embed_dims=(64, 0, 256, 512)), ValueError,
+     r'embed_dims\[1\] must be >= 1, got 0'),
+    ('mlp_ratios=-1', lambda n: meta_create(n, mlp_ratios=(-1, 3, 3, 3)), ValueError,
+     r'mlp_ratios\[0\] must be a number > 0 giving at least one hidden channel \(int\(mlp_ratios\[0\] \* \d+\)\), '
+     r'got -1'),
+    ('mlp_ratios=0', lambda n: meta_create(n, mlp_ratios=(0, 3, 3, 3)), ValueError, r'mlp_ratios\[0\] .* got 0;'),
+    ('head_dim=40', lambda n: meta_create(n, head_dim=40), ValueError,
+     r'^head_dim=40 must divide the width of every stage with routed attention \(\d+, \d+, \d+\) .* use head_dim '
+     r'from \[1, 2, .*32.*\]'),
+    ('global_num_heads=7', lambda n: meta_create(n, global_num_heads=7), ValueError,
+     r'^global_num_heads=7 must divide the width of every stage with global attention \(\d+,\); use '
+     r'global_num_heads from \[1, 2, .*8.*\]'),
+    ('global_num_heads=0', lambda n: meta_create(n, global_num_heads=0), ValueError,
+     r'global_num_heads must be >= 1, got 0'),
+]) + per_model(CROSSFORMERS, [
+    ('depths=-1', lambda n: meta_create(n, depths=(2, -1, 6, 2)), ValueError, r'depths\[1\] must be >= 0, got -1'),
+    ('mlp_ratio=0', lambda n: meta_create(n, mlp_ratio=0), ValueError,
+     r'mlp_ratio must be a number > 0 giving at least one hidden channel .* got 0'),
+    ('mlp_ratio=-1', lambda n: meta_create(n, mlp_ratio=-1.), ValueError, r'mlp_ratio must be a number > 0 .* got -1\.0'),
 ]) + per_model(CROSSFORMERS, [
     ('group_size=0', lambda n: meta_create(n, group_size=0), ValueError,
      r'group_size and interval must be >= 1, got 0'),
@@ -130,6 +153,17 @@ MODEL_ARGS = per_model(BIFORMERS, [
     ('out_indices=(4,)', lambda n: meta_create(n, features_only=True, out_indices=(4,)), ValueError,
      r'stage indices \[4\] do not exist: the model has 4 stages'),
     ('output_stride=16', lambda n: meta_create(n, output_stride=16), ValueError, r'output_stride=16 is not supported'),
+    ('out_indices-unsorted', lambda n: meta_create(n, features_only=True, out_indices=(3, 1, 2)), ValueError,
+     r'out_indices=\(3, 1, 2\) is not in increasing order .* pass out_indices=\(1, 2, 3\)$'),
+    ('out_indices-repeated', lambda n: meta_create(n, features_only=True, out_indices=(1, 1, 2)), ValueError,
+     r'out_indices=\(1, 1, 2\) names stage\(s\) \[1\] more than once; .* pass out_indices=\(1, 2\)$'),
+    ('out_indices-repeated-negative', lambda n: meta_create(n, features_only=True, out_indices=(1, -3)), ValueError,
+     r'names stage\(s\) \[1\] more than once'),
+    ('out_indices-list-wrapper', lambda n: meta_create(n, features_only=True, feature_cls='list', out_indices=(2, 0)),
+     ValueError, r'not in increasing order'),
+    ('indices-unsorted', lambda n: lambda: meta_model(n).forward_intermediates(
+        torch.zeros(1, 3, 64, 64, device='meta'), indices=[2, 0]), ValueError,
+     r'indices=\(2, 0\) is not in increasing order .* pass indices=\(0, 2\)$'),
 ])
 
 MODEL_NAMES = [
@@ -318,7 +352,161 @@ WEIGHTS = per_model(['biformer_tiny', 'crossformer_tiny'], [
          PretrainedWeightsError, r'is not a readable checkpoint .* download it again'),
 ]
 
-CASES = MODEL_INPUTS + MODEL_ARGS + MODEL_NAMES + LAYERS + WEIGHTS
+# ---------------------------------------------------------------------------------------------------------------
+# dense prediction: builders, heads, presets and UperNet's labels (backbones of one block per stage)
+
+from biformer_zoo import dense  # noqa: E402
+
+SHALLOW = dict(depths=(1, 1, 1, 1))
+
+
+def on_meta(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+    def call():
+        with torch.device('meta'):
+            return build(*args, **kwargs)
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def meta_upernet() -> torch.nn.Module:
+    """UperNet with 150 classes on the meta device: its ``loss`` reads only the tensors it is given."""
+    with torch.device('meta'):
+        return dense.upernet('biformer_tiny', num_classes=150, head_channels=16, aux_channels=8, **SHALLOW)
+
+
+def upernet_loss(labels: Callable[[], torch.Tensor]) -> Callable[[], Any]:
+    """UperNet's loss of (2, 150, 16, 16) logits against ``labels()``."""
+    return lambda: meta_upernet().loss(torch.zeros(2, 150, 16, 16), labels())
+
+
+def train_one_image() -> Any:
+    model = meta_upernet().train()
+    try:
+        return model(torch.zeros(1, 3, 64, 64, device='meta'))
+    finally:
+        model.eval()
+
+
+def preset_path_name(path: Path) -> str:
+    """A preset name that walks from the preset folder to ``path`` (a YAML file), as a path would."""
+    return os.path.relpath(path.with_suffix(''), dense.PRESET_DIR)
+
+
+def write_preset(path: Path) -> None:
+    path.write_text('task: segmentation\nmodel: biformer_tiny\nnum_classes: 3\n')
+
+
+LABELS = r'labels must be classes in \[0, 150\) or ignore_index=255, got '
+DENSE = [
+    Case('upernet-num_classes-text', on_meta(dense.upernet, 'biformer_tiny', num_classes='150', **SHALLOW),
+         ValueError, r"num_classes must be an int, got '150' \(str\); num_classes is the number of output classes"),
+    Case('upernet-num_classes-float', on_meta(dense.upernet, 'biformer_tiny', num_classes=2.5, **SHALLOW),
+         ValueError, r'num_classes must be an int, got 2\.5 \(float\)'),
+    Case('sfpn-num_classes=0', on_meta(dense.semantic_fpn, 'biformer_tiny', num_classes=0, **SHALLOW), ValueError,
+         r'num_classes must be >= 1, got 0'),
+    Case('fpn_channels=0', on_meta(dense.fpn_backbone, 'biformer_tiny', fpn_channels=0, **SHALLOW), ValueError,
+         r'fpn_channels must be >= 1, got 0; fpn_channels is the width of every FPN level'),
+    Case('FPNBackbone-fpn_channels', lambda: dense.FPNBackbone(meta_create('biformer_tiny', features_only=True)(),
+                                                               fpn_channels=256.0), ValueError,
+         r'fpn_channels must be an int, got 256\.0'),
+    Case('frozen_stages=1.5', on_meta(dense.fpn_backbone, 'biformer_tiny', frozen_stages=1.5, **SHALLOW), ValueError,
+         r'frozen_stages must be an int, got 1\.5'),
+    Case('out_indices=2', on_meta(dense.fpn_backbone, 'biformer_tiny', out_indices=2, **SHALLOW), ValueError,
+         r'out_indices must be a sequence of stage indices, e\.g\. \(0, 1, 2, 3\) .* got 2; .* e\.g\. \(2, 3\)$'),
+    Case('fpn-out_indices-unsorted', on_meta(dense.fpn_backbone, 'biformer_tiny', out_indices=(3, 1, 2), **SHALLOW),
+         ValueError, r'not in increasing order .* pass out_indices=\(1, 2, 3\)'),
+    Case('sfpn-extra_blocks', on_meta(dense.semantic_fpn, 'biformer_tiny', num_classes=3, extra_blocks='maxpool'),
+         ValueError, r'extra_blocks cannot be set here: this builder takes the backbone options extra_norm, '
+                     r'fpn_channels, frozen_stages, norm_eval, out_indices \('),
+    Case('upernet-fpn_channels', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, fpn_channels=64),
+         ValueError, r'fpn_channels cannot be set here'),
+    Case('upernet-features_only', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, features_only=False),
+         ValueError, r'features_only cannot be set here'),
+    Case('upernet-head_channels', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, head_channels='512'),
+         ValueError, r"channels must be an int, got '512' \(str\)"),
+    Case('upernet-dropout', on_meta(dense.upernet, 'biformer_tiny', num_classes=3, dropout=1.5, **SHALLOW),
+         ValueError, r'dropout must be a number in \[0, 1\)'),
+    Case('fcn-num_convs', lambda: dense.FCNHead(64, 3, num_convs=0), ValueError, r'num_convs must be >= 1, got 0'),
+    Case('preset-path', with_file('evil.yaml', write_preset, lambda path: dense.upernet(preset_path_name(path))),
+         ValueError, r'is neither a timm model nor a preset'),
+    Case('load_preset-path', with_file('evil.yaml', write_preset, lambda path: dense.load_preset(
+        preset_path_name(path))), ValueError, r'unknown preset .*evil.*; the presets are \['),
+    Case('preset_file-and-name', with_file('mine.yaml', write_preset, lambda path: dense.upernet(
+        'biformer_tiny', preset_file=path)), ValueError, r"pass a model or preset name, or preset_file, not both"),
+    Case('preset_file-missing', lambda: dense.upernet(preset_file='/nonexistent/mine.yaml'), ValueError,
+         r'preset_file /nonexistent/mine\.yaml cannot be read as YAML \(.*\); pass the path of a preset file'),
+    Case('preset_file-not-a-preset', with_file('mine.yaml', lambda path: path.write_text('- 1\n'),
+                                               lambda path: dense.upernet(preset_file=path)), ValueError,
+         r'must be a mapping with at least task and model, .* got a list'),
+    Case('preset_file-other-task', with_file('mine.yaml', write_preset, lambda path: dense.fpn_backbone(
+        preset_file=path)), ValueError, r'preset_file .*mine\.yaml is a segmentation preset, not a detection one'),
+    Case('no-name', lambda: dense.fpn_backbone(), ValueError, r'None is neither a timm model nor a preset; .* or '
+                                                              r'preset_file=$'),
+    Case('labels-150', upernet_loss(lambda: torch.full((2, 16, 16), 150)), ValueError, LABELS + r'150; map those'),
+    Case('labels-300', upernet_loss(lambda: torch.full((2, 16, 16), 300)), ValueError, LABELS + '300'),
+    Case('labels--1', upernet_loss(lambda: torch.full((2, 16, 16), -1)), ValueError, LABELS + r'-1; .* or pass the '
+                                                                                              r'ignore_index'),
+    Case('labels-float', upernet_loss(lambda: torch.zeros(2, 16, 16)), ValueError,
+         r'labels must be integer class indices, got dtype torch\.float32; convert them with target\.long\(\)'),
+    Case('labels-half-size', upernet_loss(lambda: torch.zeros(2, 8, 8, dtype=torch.long)), ValueError,
+         r'labels of shape \[2, 8, 8\] do not fit logits of 2 images at 16x16; .* the size of the input images'),
+    Case('labels-3-channels', upernet_loss(lambda: torch.zeros(2, 3, 16, 16, dtype=torch.long)), ValueError,
+         r'labels must be \(B, H, W\) or \(B, 1, H, W\) class indices, got shape \[2, 3, 16, 16\]'),
+    Case('labels-other-batch', upernet_loss(lambda: torch.zeros(3, 16, 16, dtype=torch.long)), ValueError,
+         r'labels of shape \[3, 16, 16\] do not fit logits of 2 images'),
+    Case('upernet-train-batch-1', train_one_image, ValueError,
+         r'cannot train on a batch of 1 image: .* batch size >= 2 .* norm_eval=True .* model\.head\.eval\(\) .* '
+         r'another norm'),
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# pushing a converted folder: small stand-in files and the conversion.json that convert would write for them
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from unittest import mock  # noqa: E402
+
+from biformer_zoo.tools import convert  # noqa: E402
+
+
+def converted_folder(edit_record: Callable[[Dict[str, Any]], None] = lambda record: None) -> Callable[[Path], None]:
+    """Writes the converted files (a few bytes each) into ``folder`` and their record, edited by ``edit_record``."""
+    def write(folder: Path) -> None:
+        folder.mkdir()
+        files = {}
+        for name in convert.CONVERTED_FILES:
+            data = name.encode()
+            (folder / name).write_bytes(data)
+            files[name] = dict(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        record = dict(model='biformer_tiny.in1k', files=files)
+        edit_record(record)
+        (folder / convert.RECORD_FILE).write_text(json.dumps(record))
+    return write
+
+
+def push(folder: Path, endpoint: str = 'http://127.0.0.1:9') -> Any:
+    """``push_to_hub`` towards ``endpoint`` (nothing listens on the discard port)."""
+    from huggingface_hub import constants
+    with mock.patch.object(constants, 'ENDPOINT', endpoint):
+        return convert.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
+
+
+def drop_record(record: Dict[str, Any]) -> None:
+    record.clear()
+
+
+PUSH = [
+    Case('push-changed-file', with_file('out', converted_folder(
+        lambda record: record['files']['README.md'].update(size=1)), push), ValueError,
+         r'holds files that are not what convert wrote: README\.md \(9 bytes, .* recorded 1 bytes.*\)\. Nothing was '
+         r'uploaded'),
+    Case('push-no-record', with_file('out', converted_folder(drop_record), push), ValueError,
+         r"has no readable conversion\.json \('files'\), the record of what `biformer-zoo convert` wrote"),
+    Case('push-unreachable', with_file('out', converted_folder(), push), PretrainedWeightsError,
+         r"uploading .*out to the Hub repo 'test-org/upload' failed \(ConnectError: .*\)\. Check the network"),
+]
+
+CASES = MODEL_INPUTS + MODEL_ARGS + MODEL_NAMES + LAYERS + WEIGHTS + DENSE + PUSH
 
 
 @pytest.mark.parametrize('case', CASES, ids=[case.id for case in CASES])
@@ -339,7 +527,8 @@ def test_create_model_passes_known_names_to_timm():
 
 # ---------------------------------------------------------------------------------------------------------------
 # the command line: (id, argv, the one line on stderr); '{tmp}' is a fresh folder holding file.txt, full/notes.txt
-# (a folder with a stray file), done/ (a previous conversion's README.md and config.json) and damaged.pth
+# (a folder with a stray file), done/ (a previous conversion's README.md and config.json), damaged.pth and the lock
+# of a convert writing locked/
 
 import re  # noqa: E402
 
@@ -402,6 +591,9 @@ CLI = [
     ('convert-out-unwritable', CONVERT + ['/proc/nope/x'],
      r'^biformer-zoo convert: error: --out /proc/nope/x cannot be written \(.*\); pass a folder you can write to$'),
     ('convert-out-under-file', CONVERT + ['{tmp}/file.txt/x'], r'--out .*x cannot be written'),
+    ('convert-out-locked', CONVERT + ['{tmp}/locked'],
+     r'another `biformer-zoo convert` is writing --out .*locked \(its lock .*\.locked\.convert\.lock exists\); wait '
+     r'.* delete .* and run again$'),
     # checkpoints
     ('convert-no-checkpoint', CONVERT[:4] + ['{tmp}/none.pth', '--out', '{tmp}/out'],
      r'checkpoint .*none\.pth does not exist; pass the path of a checkpoint file \(an official \.pth'),
@@ -421,6 +613,7 @@ def test_cli_error_is_one_line_and_exit_status_2(row, tmp_path, capsys, monkeypa
     (tmp_path / 'done').mkdir()
     for name in ('README.md', 'config.json'):
         (tmp_path / 'done' / name).write_text('{}')
+    (tmp_path / '.locked.convert.lock').write_text('1\n')
     code = cli.main([arg.replace('{tmp}', str(tmp_path)) for arg in argv])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]

@@ -217,6 +217,14 @@ def test_features_only_matches_feature_info(family):
     assert [tuple(f.shape) for f in feats] == expected and model.feature_info.reduction() == [8, 16, 32]
 
 
+def test_negative_out_indices_count_from_the_end(family):
+    """(-3, -1) are stages 1 and 3, as timm reads them; feature_info describes exactly the maps returned."""
+    model = build(family, features_only=True, out_indices=(-3, -1))
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 64))
+    assert ([f.shape[1] for f in feats], model.feature_info.reduction()) == (model.feature_info.channels(), [8, 32])
+
+
 @pytest.mark.parametrize('feature_cls', ['getter', 'list', 'dict', 'hook', 'fx'])
 def test_every_feature_cls_gives_the_intermediates(family, feature_cls):
     """timm's five feature wrappers return the same maps as ``forward_intermediates`` ('list' and 'dict' walk the

@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 import shutil
+import threading
 import types
 from pathlib import Path
 
@@ -231,3 +232,144 @@ def test_convert_names_the_model_a_checkpoint_belongs_to(tiny_checkpoint, tmp_pa
                                progress=False)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# all or nothing: the lock, the staging folder, the swap of --overwrite, the record that push checks
+
+
+def _listing(folder: Path) -> dict:
+    """Every path below ``folder`` with the sha256 of each file (None for a folder)."""
+    return {str(p.relative_to(folder)): (_sha256(p) if p.is_file() else None) for p in sorted(folder.rglob('*'))}
+
+
+def _convert_argv(checkpoint: Path, out: Path, *extra: str) -> list:
+    return ['convert', '--model', TINY, '--checkpoint', str(checkpoint), '--out', str(out), '--no-flops', '--quiet',
+            *extra]
+
+
+def test_convert_into_a_locked_out_is_refused_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / 'out'
+    with convert.conversion_lock(out):
+        code = cli.main(_convert_argv(tiny_checkpoint, out))
+    err = capsys.readouterr().err
+    assert (code, err.count('\n'), 'another `biformer-zoo convert` is writing' in err, _listing(tmp_path)) == \
+        (2, 1, True, {}), err
+
+
+def test_two_converts_into_one_out_at_once_give_one_whole_conversion(tiny_checkpoint, tmp_path):
+    """Started together in two threads: one converts, the other is refused (by the lock, or, if it comes second, by
+    the finished conversion); the folder holds exactly what its record says and nothing is left beside it."""
+    out = tmp_path / 'out'
+    start = threading.Barrier(2)
+    outcomes = []
+
+    def run():
+        start.wait()
+        try:
+            convert.convert_checkpoint(TINY, tiny_checkpoint, out, measure_flops=False, progress=False)
+            outcomes.append('converted')
+        except ValueError as e:
+            outcomes.append('refused' if re.search('another `biformer-zoo convert`|already holds a conversion',
+                                                   str(e)) else str(e))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    convert.check_recorded_files(out)  # raises unless every file is what the record says
+    assert (sorted(outcomes), sorted(p.name for p in tmp_path.iterdir())) == (['converted', 'refused'], ['out'])
+
+
+def test_an_overwrite_interrupted_while_writing_leaves_the_old_conversion_whole(
+        tiny_converted, tiny_checkpoint, tmp_path, monkeypatch):
+    """SIGTERM while model.safetensors is half written (the CLI turns SIGTERM into SystemExit): the old folder is
+    untouched, and the temporary folder and the lock are gone."""
+    out = tmp_path / 'out'
+    shutil.copytree(tiny_converted[0], out)
+    (out / 'notes.txt').write_text('mine')
+    before = _listing(tmp_path)
+
+    def killed_while_writing(tensors, path, metadata):
+        Path(path).write_bytes(b'\x00' * 4096)
+        raise SystemExit(143)
+    monkeypatch.setattr(convert, 'save_safetensors_reproducibly', killed_while_writing)
+    with pytest.raises(SystemExit):
+        cli.main(_convert_argv(tiny_checkpoint, out, '--overwrite'))
+    assert _listing(tmp_path) == before
+
+
+def test_overwrite_keeps_the_users_other_files(tiny_converted, tiny_checkpoint, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(tiny_converted[0], out)
+    (out / 'notes.txt').write_text('mine')
+    (out / WEIGHTS_FILE).write_bytes(b'an old conversion')
+    convert.convert_checkpoint(TINY, tiny_checkpoint, out, measure_flops=False, progress=False, overwrite=True)
+    assert ((out / 'notes.txt').read_text(), _sha256(out / WEIGHTS_FILE)) == \
+        ('mine', _sha256(tiny_converted[0] / WEIGHTS_FILE))
+
+
+def test_a_failed_convert_leaves_no_folder_it_created(tmp_path):
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': synth_official_state_dict(TINY), 'hook': RunsCodeWhenUnpickled(tmp_path / 'ran')}, path)
+    with pytest.raises(ValueError, match='needs code to unpickle'):
+        convert.convert_checkpoint(TINY, path, tmp_path / 'new' / 'out', measure_flops=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['evil.pth']
+
+
+WEIGHTS_FILE = weights.WEIGHTS_FILE
+
+
+@pytest.mark.parametrize('name,tamper', [
+    (WEIGHTS_FILE, lambda path: path.write_bytes(path.read_bytes()[:4 << 20])),  # cut short: the header promises more
+    ('README.md', lambda path: path.write_text(path.read_text().replace('mit', 'apache-2.0'))),
+])
+def test_push_refuses_a_file_changed_since_convert_before_any_upload(tiny_converted, tmp_path, monkeypatch, name,
+                                                                      tamper):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, 'HfApi', lambda *args, **kwargs: calls.append(kwargs))
+    folder = tmp_path / 'converted'
+    shutil.copytree(tiny_converted[0], folder)
+    tamper(folder / name)
+    with pytest.raises(ValueError, match=rf'not what convert wrote: {re.escape(name)} \(.* recorded .*Nothing was '
+                                         rf'uploaded'):
+        convert.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
+    assert calls == []
+
+
+def test_push_refuses_a_folder_without_the_record(tiny_converted, tmp_path):
+    folder = tmp_path / 'converted'
+    shutil.copytree(tiny_converted[0], folder)
+    (folder / convert.RECORD_FILE).unlink()
+    with pytest.raises(ValueError, match=r'has no readable conversion\.json .* convert again'):
+        convert.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
+
+
+def test_push_with_the_hub_unreachable_is_one_line_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A real connection refused (huggingface_hub's httpx client raises ConnectError, which is not an OSError)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # nothing listens on the discard port
+    monkeypatch.setenv('HF_TOKEN', 'hf_not_a_real_token')
+    monkeypatch.delenv('BIFORMER_ZOO_DEBUG', raising=False)
+    code = cli.main(_convert_argv(tiny_checkpoint, tmp_path / 'out', '--push', 'test-org/upload'))
+    err = capsys.readouterr().err
+    assert (code, err.count('\n'), re.search(r"uploading .* failed \(ConnectError: .*the converted folder is kept",
+                                             err) is not None) == (2, 1, True), err
+
+
+@pytest.mark.parametrize('no_ema', [False, True], ids=['ema', 'no-ema'])
+def test_convert_follows_the_ema_rule_of_every_load_path(tmp_path, no_ema):
+    """A checkpoint holding ``model`` and ``model_ema``: convert writes the EMA weights, as ``file=`` loads them;
+    ``--no-ema`` writes ``model``. The model card says which."""
+    official = synth_official_state_dict(TINY)
+    ema = dict(official, **{'head.bias': official['head.bias'] + 1})
+    path = tmp_path / 'with_ema.pth'
+    torch.save({'model': official, 'model_ema': ema}, path)
+    out = tmp_path / 'out'
+    code = cli.main(['convert', '--model', TINY, '--checkpoint', str(path), '--out', str(out), '--no-flops',
+                     '--quiet', *(['--no-ema'] if no_ema else [])])
+    converted = safetensors.torch.load_file(str(out / weights.WEIGHTS_FILE))
+    chosen = official if no_ema else ema
+    assert (code, torch.equal(converted['head.fc.bias'], chosen['head.bias'])) == (0, True)
+    assert ('--no-ema' in (out / 'README.md').read_text()) == no_ema

@@ -201,6 +201,14 @@ def test_segmentation_preset_sets_classes_and_groups():
     assert got == (preset['num_classes'], 7, 8, None)
 
 
+def test_preset_file_of_ones_own_sets_its_options(tmp_path):
+    path = tmp_path / 'mine.yaml'
+    path.write_text('task: detection\nmodel: biformer_tiny\nbackbone:\n  fpn_channels: 32\nmodel_kwargs:\n  n_win: 4\n')
+    with torch.device('meta'):
+        backbone = fpn_backbone(preset_file=path)
+    assert (backbone.out_channels, backbone.body.model.stages[0].blocks[0].attn.num_regions) == (32, 4)
+
+
 def test_preset_of_the_other_task_raises():
     with pytest.raises(ValueError, match='segmentation preset'):
         fpn_backbone('biformer_small.ade20k_sfpn')
@@ -225,6 +233,12 @@ def test_semantic_fpn_train_step(name: str):
     loss.backward()
     stem_grad = _first_param(model.backbone.body.model.stem).grad
     assert logits.shape == (2, 5, *IMAGE_SIZE) and torch.isfinite(loss) and stem_grad.abs().sum() > 0
+
+
+def test_semantic_fpn_takes_out_indices():
+    with torch.device('meta'):
+        model = semantic_fpn('biformer_tiny', num_classes=3, out_indices=(1, 2, 3))
+    assert (model.backbone.channels, len(model.head.scale_heads)) == ([128, 256, 512], 3)
 
 
 def test_semantic_fpn_needs_num_classes_without_preset():

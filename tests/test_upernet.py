@@ -178,6 +178,24 @@ def test_loss_averages_over_all_pixels_as_mmseg():
     assert torch.allclose(got[0], expected) and torch.allclose(got[1], mean_over_all(logits))
 
 
+def test_loss_takes_labels_with_a_channel_axis_and_any_integer_dtype():
+    model = upernet('biformer_tiny', num_classes=3, head_channels=16, aux_channels=8, **SHALLOW)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5)
+    labels = torch.randint(0, 3, (2, 4, 5))
+    labels[0, 0] = 255
+    assert torch.equal(model.loss(logits, labels[:, None].to(torch.uint8)), model.loss(logits, labels))
+
+
+def test_one_image_trains_with_the_heads_batchnorms_in_eval():
+    """The fix the batch-1 error names: the head's BatchNorms in eval mode, the rest training."""
+    model = upernet('biformer_tiny', num_classes=3, head_channels=16, aux_channels=8, **SHALLOW).train()
+    model.head.eval()
+    logits, aux_logits = model(torch.randn(1, 3, 64, 64))
+    model.loss((logits, aux_logits), torch.zeros(1, 64, 64, dtype=torch.long)).backward()
+    assert _first_grad(model.backbone.body.model.stem) > 0
+
+
 def test_without_auxiliary_head_training_returns_logits():
     model = upernet('biformer_tiny', num_classes=4, head_channels=16, aux_head=False, **SHALLOW).train()
     logits = model(torch.randn(2, 3, 64, 96))

@@ -16,7 +16,8 @@ The backbone options follow the mmdet/mmseg recipes of the official results:
 
 The official settings are presets, stored as YAML in ``biformer_zoo/dense/preset_files`` and loaded by name:
 ``fpn_backbone('biformer_small.coco_maskrcnn')`` builds BiFormer-S with ``n_win=16`` and the official backbone
-options; any argument given explicitly overrides the preset. ``list_presets()`` names them.
+options; any argument given explicitly overrides the preset. ``list_presets()`` names them; a name is never read as
+a path. A preset of one's own (a YAML file laid out the same way) goes through ``preset_file=``.
 
 The two segmentation models of the BiFormer and CrossFormer ADE20K tables return per-pixel logits at input
 resolution:
@@ -28,11 +29,11 @@ resolution:
 """
 from .backbones import EXTRA_BLOCKS, FeatureBackbone, FPNBackbone, fpn_backbone
 from .fpn import SemanticFPN, SemanticFPNHead, conv_norm_act, semantic_fpn
-from .presets import PRESET_DIR, list_presets, load_preset
+from .presets import PRESET_DIR, list_presets, load_preset, load_preset_file
 from .upernet import FCNHead, UperNet, UperNetHead, upernet
 
 __all__ = [
     'FeatureBackbone', 'FPNBackbone', 'SemanticFPN', 'SemanticFPNHead', 'UperNet', 'UperNetHead', 'FCNHead',
-    'fpn_backbone', 'semantic_fpn', 'upernet', 'list_presets', 'load_preset', 'conv_norm_act', 'PRESET_DIR',
-    'EXTRA_BLOCKS',
+    'fpn_backbone', 'semantic_fpn', 'upernet', 'list_presets', 'load_preset', 'load_preset_file', 'conv_norm_act',
+    'PRESET_DIR', 'EXTRA_BLOCKS',
 ]

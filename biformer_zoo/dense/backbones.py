@@ -1,7 +1,8 @@
 """The feature backbone of the dense models (a ``features_only`` timm model with optional per-level norms, frozen
 stages and BatchNorms in eval mode) and torchvision's FPN on it, for torchvision's detectors (``fpn_backbone``)."""
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
 import torch
@@ -10,6 +11,7 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from ..layers.helpers import check_int_arg
 from .presets import resolve_settings
 
 __all__ = [
@@ -38,6 +40,7 @@ class FeatureBackbone(nn.Module):
             norm_eval: bool = False,
     ):
         super().__init__()
+        check_int_arg('frozen_stages', frozen_stages, minimum=None, fix='-1 freezes nothing, k the stem and k stages')
         if frozen_stages >= 0:
             model = getattr(body, 'model', None)
             if not (hasattr(model, 'stem') and hasattr(model, 'stages')):
@@ -126,6 +129,8 @@ class FPNBackbone(FeatureBackbone):
     ):
         if extra_blocks not in EXTRA_BLOCKS:
             raise ValueError(f'extra_blocks must be one of {EXTRA_BLOCKS}, got {extra_blocks!r}')
+        check_int_arg('fpn_channels', fpn_channels, fix='fpn_channels is the width of every FPN level (256 in the '
+                                                        'official recipes)')
         super().__init__(body, extra_norm=extra_norm, frozen_stages=frozen_stages, norm_eval=norm_eval)
         in_channels = self.channels
         extra: Optional[ExtraFPNBlock] = None
@@ -170,7 +175,7 @@ def build_fpn_backbone(
 
 
 def fpn_backbone(
-        name: str,
+        name: Optional[str] = None,
         pretrained: bool = False,
         out_indices: Optional[Sequence[int]] = None,
         fpn_channels: Optional[int] = None,
@@ -178,6 +183,7 @@ def fpn_backbone(
         norm_eval: Optional[bool] = None,
         extra_norm: Optional[bool] = None,
         extra_blocks: Optional[str] = None,
+        preset_file: Optional[Union[str, Path]] = None,
         **model_kwargs: Any,
 ) -> FPNBackbone:
     """A torchvision-compatible FPN backbone from a zoo model (or any timm model with ``features_only``).
@@ -193,6 +199,8 @@ def fpn_backbone(
         extra_norm: LayerNorm on each level before the FPN; default True.
         extra_blocks: 'maxpool' (default; levels + ``'pool'``), 'p6p7' (RetinaNet's P6/P7 from the last stage) or
             'none'.
+        preset_file: A detection preset of your own (a YAML file laid out as those in ``preset_files/``), instead of
+            ``name``.
         **model_kwargs: Passed to ``timm.create_model`` (e.g. ``n_win=16``, ``drop_path_rate=0.2``); they update the
             preset's.
 
@@ -201,5 +209,5 @@ def fpn_backbone(
     """
     options = dict(out_indices=out_indices, fpn_channels=fpn_channels, frozen_stages=frozen_stages,
                    norm_eval=norm_eval, extra_norm=extra_norm, extra_blocks=extra_blocks)
-    model_name, settings, kwargs, _ = resolve_settings(name, 'detection', options, model_kwargs)
+    model_name, settings, kwargs, _ = resolve_settings(name, 'detection', options, model_kwargs, preset_file)
     return build_fpn_backbone(model_name, pretrained, settings, **kwargs)

@@ -1,22 +1,19 @@
 """The Semantic FPN segmentation model (Kirillov et al., 2019; mmseg ``FPNHead``) on a zoo backbone, and the
 conv-norm-ReLU unit the segmentation heads share."""
 import math
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers.helpers import check_int_arg
+from ..models._pyramid import check_rate
 from .backbones import FPNBackbone, build_fpn_backbone
-from .presets import head_settings, preset_num_classes, resolve_settings
+from .presets import check_num_classes, head_settings, preset_num_classes, resolve_settings
 
-__all__ = ['SemanticFPN', 'SemanticFPNHead', 'semantic_fpn', 'conv_norm_act', 'check_num_classes']
-
-
-def check_num_classes(num_classes: int) -> None:
-    if num_classes < 1:
-        raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-
+__all__ = ['SemanticFPN', 'SemanticFPNHead', 'semantic_fpn', 'conv_norm_act']
 
 
 def conv_norm_act(
@@ -55,6 +52,9 @@ class SemanticFPNHead(nn.Module):
     ):
         super().__init__()
         check_num_classes(num_classes)
+        check_int_arg('channels', channels, fix='channels is the width of the decoder convs (128 in the official '
+                                                'configs)')
+        check_rate('dropout', dropout)
         self.scale_heads = nn.ModuleList()
         for reduction in reductions:
             num_convs = max(1, int(round(math.log2(reduction / reductions[0]))))
@@ -95,15 +95,17 @@ class SemanticFPN(nn.Module):
 
 
 def semantic_fpn(
-        name: str,
+        name: Optional[str] = None,
         num_classes: Optional[int] = None,
         pretrained: bool = False,
+        out_indices: Optional[Sequence[int]] = None,
         fpn_channels: Optional[int] = None,
         head_channels: Optional[int] = None,
         dropout: Optional[float] = None,
         frozen_stages: Optional[int] = None,
         norm_eval: Optional[bool] = None,
         extra_norm: Optional[bool] = None,
+        preset_file: Optional[Union[str, Path]] = None,
         **model_kwargs: Any,
 ) -> SemanticFPN:
     """A Semantic FPN segmentation model on a zoo backbone (as in the BiFormer and CrossFormer ADE20K tables).
@@ -113,21 +115,26 @@ def semantic_fpn(
             ``list_presets('segmentation')``).
         num_classes: Output classes (the preset's, e.g. 150 for ADE20K, when None).
         pretrained: Load the backbone's ImageNet weights.
+        out_indices: Stages fed to the FPN, each once, in increasing order; default (0, 1, 2, 3).
         fpn_channels: Channels of the FPN; default 256.
         head_channels: Channels of the decoder convs; default 128 (as in the official configs).
         dropout: Dropout before the classifier; default 0.1 (as in the official configs).
         frozen_stages, norm_eval, extra_norm: As in ``fpn_backbone`` (defaults -1, False, True).
+        preset_file: A segmentation preset of your own (a YAML file laid out as those in ``preset_files/``), instead
+            of ``name``.
         **model_kwargs: Passed to ``timm.create_model``; they update the preset's.
 
     Returns:
         A ``SemanticFPN`` whose ``forward`` maps (B, 3, H, W) images to (B, num_classes, H, W) logits.
     """
-    options = dict(fpn_channels=fpn_channels, frozen_stages=frozen_stages, norm_eval=norm_eval,
-                   extra_norm=extra_norm, extra_blocks='none')
-    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs)
-    num_classes = preset_num_classes('semantic_fpn', name, num_classes, preset)
+    options = dict(out_indices=out_indices, fpn_channels=fpn_channels, frozen_stages=frozen_stages,
+                   norm_eval=norm_eval, extra_norm=extra_norm)
+    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs, preset_file)
+    settings['extra_blocks'] = 'none'  # the head reads the FPN levels only
+    label = name or str(preset_file)
+    num_classes = preset_num_classes('semantic_fpn', label, num_classes, preset)
     head_cfg = head_settings(
-        name, preset, 'SemanticFPN', dict(channels=128, dropout=0.1), dict(channels=head_channels, dropout=dropout))
+        label, preset, 'SemanticFPN', dict(channels=128, dropout=0.1), dict(channels=head_channels, dropout=dropout))
     backbone = build_fpn_backbone(model_name, pretrained, settings, **kwargs)
     head = SemanticFPNHead(
         backbone.out_channels, backbone.body.feature_info.reduction(), num_classes,

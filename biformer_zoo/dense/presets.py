@@ -2,14 +2,16 @@
 ``preset_files/`` and loaded by name (``list_presets``, ``load_preset``), and how a builder's arguments combine with
 them (``resolve_settings``, ``head_settings``)."""
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import yaml
 
+from ..layers.helpers import check_int_arg
+
 __all__ = [
-    'PRESET_DIR', 'BACKBONE_DEFAULTS', 'list_presets', 'load_preset', 'resolve_settings', 'preset_num_classes',
-    'head_settings']
+    'PRESET_DIR', 'BACKBONE_DEFAULTS', 'list_presets', 'load_preset', 'load_preset_file', 'resolve_settings',
+    'preset_num_classes', 'head_settings', 'check_num_classes']
 
 PRESET_DIR = Path(__file__).parent / 'preset_files'
 _TASKS = ('detection', 'segmentation')
@@ -28,20 +30,18 @@ def list_presets(task: Optional[str] = None) -> List[str]:
     return [name for name in names if load_preset(name)['task'] == task]
 
 
+def is_preset(name: Any) -> bool:
+    """Whether ``name`` is one of ``list_presets()``: a name, never a path (it is not joined to the folder before)."""
+    return isinstance(name, str) and name in list_presets()
+
+
 def load_preset(name: str) -> Dict[str, Any]:
-    """The preset ``name`` as a dict: ``task``, ``model``, ``backbone`` options, ``model_kwargs`` and the recipe."""
-    path = PRESET_DIR / f'{name}.yaml'
-    if not path.is_file():
-        raise ValueError(f'unknown preset {name!r}; the presets are {list_presets()}')
-    with open(path) as f:
-        preset = yaml.safe_load(f)
-    preset.setdefault('backbone', {})
-    preset.setdefault('model_kwargs', {})
-    return preset
-
-
-def is_preset(name: str) -> bool:
-    return (PRESET_DIR / f'{name}.yaml').is_file()
+    """The preset ``name`` (one of ``list_presets()``) as a dict: ``task``, ``model``, ``backbone`` options,
+    ``model_kwargs`` and the recipe."""
+    if not is_preset(name):
+        raise ValueError(f'unknown preset {name!r}; the presets are {list_presets()} (a file of your own: '
+                         f'load_preset_file, or preset_file= in the builders)')
+    return load_preset_file(PRESET_DIR / f'{name}.yaml')
 
 
 def _is_model_name(name: str) -> bool:
@@ -51,32 +51,82 @@ def _is_model_name(name: str) -> bool:
 
 
 
+def _out_indices_tuple(out_indices: Any) -> Tuple[int, ...]:
+    """``out_indices`` as a tuple; a ``ValueError`` for anything but a sequence of stage indices."""
+    if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence):
+        raise ValueError(f'out_indices must be a sequence of stage indices, e.g. (0, 1, 2, 3) or (1, 2, 3), got '
+                         f'{out_indices!r}; for the last n stages pass them, e.g. (2, 3)')
+    return tuple(out_indices)
+
+
+def _check_model_kwargs(options: Dict[str, Any], model_kwargs: Dict[str, Any]) -> None:
+    """Refuse a backbone option this builder does not take (it would reach ``timm.create_model`` as a model
+    argument), and ``features_only`` (the builders set it)."""
+    misplaced = sorted(k for k in model_kwargs if k in BACKBONE_DEFAULTS or k == 'features_only')
+    if misplaced:
+        raise ValueError(f'{", ".join(misplaced)} cannot be set here: this builder takes the backbone options '
+                         f'{", ".join(sorted(options))} (others are fixed by it), and the rest goes to '
+                         f'timm.create_model as model arguments')
+
+
+def load_preset_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """A preset of one's own: a YAML file laid out as those in ``preset_files/`` (``task``, ``model``, and optionally
+    ``backbone``, ``model_kwargs``, ``num_classes``, ``head``), as a dict."""
+    try:
+        with open(path) as f:
+            preset = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f'preset_file {path} cannot be read as YAML ({e}); pass the path of a preset file laid out '
+                         f'as those in {PRESET_DIR}') from None
+    if not isinstance(preset, dict) or not {'task', 'model'} <= set(preset):
+        got = f'keys {sorted(preset)}' if isinstance(preset, dict) else f'a {type(preset).__name__}'
+        raise ValueError(f'preset_file {path} must be a mapping with at least task and model, as the files in '
+                         f'{PRESET_DIR}; got {got}')
+    preset.setdefault('backbone', {})
+    preset.setdefault('model_kwargs', {})
+    return preset
+
+
+def _preset_and_model(name: Optional[str], task: str, preset_file: Optional[Union[str, Path]]
+                      ) -> Tuple[Dict[str, Any], str]:
+    """The preset (empty for a plain model name) and the model it builds, for a ``name`` or a ``preset_file``."""
+    if preset_file is not None:
+        if name is not None:
+            raise ValueError(f'pass a model or preset name, or preset_file, not both; got {name!r} and '
+                             f'preset_file={str(preset_file)!r}')
+        preset, label = load_preset_file(preset_file), f'preset_file {preset_file}'
+    elif is_preset(name):
+        preset, label = load_preset(name), f'preset {name!r}'
+    elif isinstance(name, str) and _is_model_name(name):
+        return {}, name
+    else:
+        raise ValueError(
+            f'{name!r} is neither a timm model nor a preset; pass a model name such as biformer_small '
+            f'(see biformer_zoo.list_zoo_models()), one of the presets {list_presets(task)}, or preset_file=')
+    if preset['task'] != task:
+        raise ValueError(
+            f"{label} is a {preset['task']} preset, not a {task} one; use one of {list_presets(task)}")
+    return preset, preset['model']
+
+
 def resolve_settings(
-        name: str,
+        name: Optional[str],
         task: str,
         options: Dict[str, Any],
         model_kwargs: Dict[str, Any],
+        preset_file: Optional[Union[str, Path]] = None,
 ) -> Tuple[str, Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Model name, backbone options, model kwargs and the preset (empty for a plain model name).
 
+    ``name`` is a model or a preset name; a preset of one's own comes as ``preset_file`` (then ``name`` is None).
     Options given as None fall back to the preset, then to ``BACKBONE_DEFAULTS``.
     """
-    preset: Dict[str, Any] = {}
-    model_name = name
-    if is_preset(name):
-        preset = load_preset(name)
-        if preset['task'] != task:
-            raise ValueError(
-                f"preset {name!r} is a {preset['task']} preset, not a {task} one; use one of {list_presets(task)}")
-        model_name = preset['model']
-    elif not _is_model_name(name):
-        raise ValueError(
-            f'{name!r} is neither a timm model nor a preset; pass a model name such as biformer_small '
-            f'(see biformer_zoo.list_zoo_models()) or one of the presets {list_presets(task)}')
+    preset, model_name = _preset_and_model(name, task, preset_file)
+    _check_model_kwargs(options, model_kwargs)
     resolved = dict(BACKBONE_DEFAULTS)
     resolved.update(preset.get('backbone', {}))
     resolved.update({k: v for k, v in options.items() if v is not None})
-    resolved['out_indices'] = tuple(resolved['out_indices'])
+    resolved['out_indices'] = _out_indices_tuple(resolved['out_indices'])
     merged_kwargs = dict(preset.get('model_kwargs', {}))
     merged_kwargs.update(model_kwargs)
     if 'topks' in merged_kwargs:  # YAML has lists; the model takes a tuple with None for global attention
@@ -89,7 +139,13 @@ def preset_num_classes(builder: str, name: str, num_classes: Optional[int], pres
     num_classes = num_classes if num_classes is not None else preset.get('num_classes')
     if num_classes is None:
         raise ValueError(f'{builder}({name!r}) needs num_classes (e.g. num_classes=150 for ADE20K)')
+    check_num_classes(num_classes)
     return num_classes
+
+
+def check_num_classes(num_classes: Any) -> None:
+    """Raise a ``ValueError`` unless ``num_classes`` is an int >= 1."""
+    check_int_arg('num_classes', num_classes, fix='num_classes is the number of output classes, e.g. 150 for ADE20K')
 
 
 def head_settings(

@@ -10,17 +10,20 @@ own, which ``UPerHead`` does not have: those are replaced by identities (the off
 are the backbone's ``extra_norm``), so the head has exactly ``UPerHead``'s parameters. The auxiliary ``FCNHead`` is
 written here: smp has no such head.
 """
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers.helpers import check_int_arg
+from ..models._pyramid import check_rate
 from .backbones import FeatureBackbone, build_feature_backbone
-from .fpn import check_num_classes, conv_norm_act
-from .presets import head_settings, preset_num_classes, resolve_settings
+from .fpn import conv_norm_act
+from .presets import check_num_classes, head_settings, preset_num_classes, resolve_settings
 
-__all__ = ['FCNHead', 'UperNet', 'UperNetHead', 'upernet']
+__all__ = ['FCNHead', 'UperNet', 'UperNetHead', 'check_labels', 'upernet']
 
 # the official head settings (mmseg UPerHead + auxiliary FCNHead); presets may override them
 _HEAD_DEFAULTS: Dict[str, Any] = dict(
@@ -48,6 +51,19 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
 
+def _check_single_image_training(ppm: nn.Module) -> None:
+    """The PPM's scale-1 branch pools the map to 1x1: a BatchNorm there that trains sees one value per channel with
+    one image, which torch refuses deep inside; say so with the fixes."""
+    training_norms = [m for m in ppm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      and not isinstance(m, nn.SyncBatchNorm) and m.training]
+    if training_norms:
+        raise ValueError(
+            'UperNet cannot train on a batch of 1 image: its pyramid pooling averages the coarsest map to 1x1, and '
+            'the BatchNorm after it needs more than one value per channel. Train with batch size >= 2 (per '
+            'process), keep the head\'s BatchNorms in eval mode as norm_eval=True does for the backbone\'s (call '
+            'model.head.eval() after model.train()), or use another norm (nn.SyncBatchNorm across processes)')
+
+
 class UperNetHead(nn.Module):
     """The UperNet decoder: mmseg's ``UPerHead`` (PPM on the coarsest level, FPN, fusion, dropout, classifier).
 
@@ -70,8 +86,8 @@ class UperNetHead(nn.Module):
         check_num_classes(num_classes)
         if len(in_channels) < 2:
             raise ValueError(f'UperNetHead needs at least two input levels, got in_channels={list(in_channels)}')
-        if channels < 1:
-            raise ValueError(f'channels must be >= 1, got {channels}')
+        check_int_arg('channels', channels, fix='channels is the width of the decoder (512 in the official configs)')
+        check_rate('dropout', dropout)
         self.in_channels = tuple(in_channels)
         # smp's decoder takes the channels of an smp encoder, whose first two maps (strides 1 and 2) it skips
         self.decoder = _upernet_decoder_class()(
@@ -87,6 +103,8 @@ class UperNetHead(nn.Module):
             raise ValueError(
                 f'UperNetHead was built for levels with channels {list(self.in_channels)}, got {list(got)}; '
                 f'build it with in_channels={list(got)}')
+        if self.training and features[-1].shape[0] == 1:
+            _check_single_image_training(self.decoder.psp)
         x = self.decoder([None, None, *features])  # (B, channels, H_0, W_0)
         return self.classifier(self.dropout(x))
 
@@ -116,8 +134,9 @@ class FCNHead(nn.Module):
     ):
         super().__init__()
         check_num_classes(num_classes)
-        if num_convs < 1:
-            raise ValueError(f'num_convs must be >= 1, got {num_convs}')
+        check_int_arg('num_convs', num_convs, fix='num_convs is the number of 3x3 convs (1 in the official configs)')
+        check_int_arg('channels', channels, fix='channels is the width of the convs (256 in the official configs)')
+        check_rate('dropout', dropout)
         self.in_channels = in_channels
         self.convs = nn.Sequential(*[
             conv_norm_act(in_channels if i == 0 else channels, channels, 3, norm_layer) for i in range(num_convs)])
@@ -183,20 +202,52 @@ class UperNet(nn.Module):
 
         Args:
             outputs: What ``forward`` returned (logits, or ``(logits, aux_logits)``).
-            target: Class indices (B, H, W).
+            target: Class indices (B, H, W) or (B, 1, H, W), any integer dtype, at the input's size; each in
+                [0, num_classes) or ``ignore_index`` (checked by ``check_labels``, which says what was wrong).
             ignore_index: Label of pixels without a class.
         """
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        target = check_labels(target, outputs[0], ignore_index)
         weights = (1.0, self.aux_loss_weight)[:len(outputs)]
         return sum(
             w * F.cross_entropy(o, target, ignore_index=ignore_index, reduction='none').mean()
             for w, o in zip(weights, outputs))
 
 
+def check_labels(target: Any, logits: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """``target`` as the (B, H, W) int64 class indices ``F.cross_entropy`` takes for ``logits`` (B, C, H, W), or a
+    ``ValueError`` saying what was wrong: the labels may be (B, H, W) or (B, 1, H, W), of any integer dtype, at the
+    logits' size (the input's), each a class in [0, C) or ``ignore_index``."""
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f'labels must be a torch.Tensor of class indices, got a {type(target).__name__}')
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    batch, num_classes, height, width = logits.shape
+    if target.dim() != 3:
+        raise ValueError(f'labels must be (B, H, W) or (B, 1, H, W) class indices, got shape {list(target.shape)}')
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f'labels must be integer class indices, got dtype {target.dtype}; convert them with '
+                         f'target.long() (after rounding, if they went through a float transform)')
+    if tuple(target.shape) != (batch, height, width):
+        raise ValueError(
+            f'labels of shape {list(target.shape)} do not fit logits of {batch} images at {height}x{width}; the '
+            f'labels must have the size of the input images (resize them with mode="nearest" together with the images)')
+    target = target.long()
+    wrong = target[(target != ignore_index) & ((target < 0) | (target >= num_classes))].unique()
+    if wrong.numel():
+        shown = ', '.join(str(v) for v in wrong[:8].tolist()) + (', ...' if wrong.numel() > 8 else '')
+        raise ValueError(
+            f'labels must be classes in [0, {num_classes}) or ignore_index={ignore_index}, got {shown}; map those '
+            f'values to classes (ADE20K: reduce_zero_label turns 0 into 255 and 1-150 into 0-149), or pass the '
+            f'ignore_index they mean')
+    return target
+
+
 def upernet(
-        name: str,
+        name: Optional[str] = None,
         num_classes: Optional[int] = None,
         pretrained: bool = False,
+        out_indices: Optional[Sequence[int]] = None,
         head_channels: Optional[int] = None,
         dropout: Optional[float] = None,
         aux_head: bool = True,
@@ -204,6 +255,7 @@ def upernet(
         frozen_stages: Optional[int] = None,
         norm_eval: Optional[bool] = None,
         extra_norm: Optional[bool] = None,
+        preset_file: Optional[Union[str, Path]] = None,
         **model_kwargs: Any,
 ) -> UperNet:
     """An UperNet segmentation model on a zoo backbone (as in the BiFormer and CrossFormer ADE20K tables).
@@ -213,21 +265,26 @@ def upernet(
             ``list_presets('segmentation')``).
         num_classes: Output classes (the preset's, e.g. 150 for ADE20K, when None).
         pretrained: Load the backbone's ImageNet weights.
+        out_indices: Stages fed to the head, each once, in increasing order; default (0, 1, 2, 3) (the auxiliary head
+            reads level ``aux_index`` of them, 2 by default).
         head_channels: Channels of the UperNet decoder; default 512 (as in the official configs).
         dropout: Dropout before both classifiers; default 0.1.
         aux_head: Add the auxiliary FCN head on the stride-16 level (used in training only).
         aux_channels: Channels of the auxiliary head's conv; default 256.
         frozen_stages, norm_eval, extra_norm: As in ``fpn_backbone`` (defaults -1, False, True).
+        preset_file: A segmentation preset of your own (a YAML file laid out as those in ``preset_files/``), instead
+            of ``name``.
         **model_kwargs: Passed to ``timm.create_model``; they update the preset's.
 
     Returns:
         An ``UperNet``: (B, 3, H, W) images to (B, num_classes, H, W) logits; ``(logits, aux_logits)`` in training.
     """
-    options = dict(frozen_stages=frozen_stages, norm_eval=norm_eval, extra_norm=extra_norm)
-    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs)
-    num_classes = preset_num_classes('upernet', name, num_classes, preset)
+    options = dict(out_indices=out_indices, frozen_stages=frozen_stages, norm_eval=norm_eval, extra_norm=extra_norm)
+    model_name, settings, kwargs, preset = resolve_settings(name, 'segmentation', options, model_kwargs, preset_file)
+    label = name or str(preset_file)
+    num_classes = preset_num_classes('upernet', label, num_classes, preset)
     cfg = head_settings(
-        name, preset, 'UperNet', _HEAD_DEFAULTS,
+        label, preset, 'UperNet', _HEAD_DEFAULTS,
         dict(channels=head_channels, dropout=dropout, aux_channels=aux_channels))
     backbone = build_feature_backbone(model_name, pretrained, settings, **kwargs)
     channels: List[int] = backbone.channels

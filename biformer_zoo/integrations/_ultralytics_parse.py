@@ -7,7 +7,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 from torch import nn
 from ultralytics.nn.modules import Conv
@@ -119,14 +119,45 @@ def _table_line(module: nn.Module, n: int, args: List) -> str:
 
 
 def parse_model_with(row_specs: Mapping[str, RowSpec], original: Callable, d: Dict, ch: int, verbose: bool = True):
-    """``ultralytics.nn.tasks.parse_model`` (``original``) that also builds the rows named in ``row_specs``."""
+    """``ultralytics.nn.tasks.parse_model`` (``original``) that also builds the rows named in ``row_specs``.
+
+    Our rows are replaced by stand-ins Ultralytics knows (a ``Conv`` that scales like C2f, or an identity), with a
+    probe row per identity that reads its input width; ``original`` builds that YAML, and each stand-in is then
+    replaced by the real module at the widths and depth Ultralytics worked out.
+    """
     backbone, head = list(d.get('backbone') or []), list(d.get('head') or [])
     rows = backbone + head
     ours = {i: row for i, row in enumerate(rows) if isinstance(row[2], str) and row[2] in row_specs}
     if not ours:
         return original(d, ch, verbose)
     scale = _yaml_scale(d)
+    stand_ins, probes, plans = _stand_in_rows(row_specs, rows, ours, scale)
+    proxied = {**d, 'backbone': stand_ins[:len(backbone)], 'head': stand_ins[len(backbone):] + probes}
 
+    logger = importlib.import_module('ultralytics.nn.tasks').LOGGER
+    table = {}
+    with contextlib.ExitStack() as stack:
+        held = stack.enter_context(_held_records(logger)) if verbose else []
+        try:
+            layers, save = original(proxied, ch, verbose)
+            probe_layers = list(layers[len(rows):])
+            layers = layers[:len(rows)]
+            for probe in probes:
+                save.remove(probe[0])  # each probe added its source once
+            inputs = iter(conv2ds(p)[0].in_channels for p in probe_layers)
+            for i, (spec, name, options) in plans.items():
+                layers[i], table[i] = _build_row(i, spec, name, options, layers[i], inputs, scale)
+        finally:
+            stack.close()  # release the held records before printing them
+            if verbose:
+                _print_table(logger, held, table, len(rows))
+    return layers, save
+
+
+def _stand_in_rows(row_specs: Mapping[str, RowSpec], rows: List, ours: Dict[int, List], scale: Optional[str]
+                   ) -> Tuple[List, List, Dict[int, Tuple[RowSpec, str, Dict[str, Any]]]]:
+    """The YAML rows with ours replaced by stand-ins, the probe rows to append, and each of our rows' plan
+    (spec, name, options), checking what can be checked before anything is built."""
     stand_ins, probes, plans = list(rows), [], {}
     for i, (f, n, name, args) in ours.items():
         spec = row_specs[name]
@@ -146,52 +177,36 @@ def parse_model_with(row_specs: Mapping[str, RowSpec], original: Callable, d: Di
             source = f if f >= 0 else i + f
             probes.append([source, 1, 'Conv', [8, 1]])  # appended after the last row: reads ch[source]
             plans[i] = (spec, name, _split_options(spec, name, i, scale, args))
-    proxied = {**d, 'backbone': stand_ins[:len(backbone)], 'head': stand_ins[len(backbone):] + probes}
+    return stand_ins, probes, plans
 
-    tasks = importlib.import_module('ultralytics.nn.tasks')
-    logger = tasks.LOGGER
-    replaced, table = {}, {}
-    with contextlib.ExitStack() as stack:
-        held = stack.enter_context(_held_records(logger)) if verbose else []
-        try:
-            layers, save = original(proxied, ch, verbose)
-            probe_layers = list(layers[len(rows):])
-            layers = layers[:len(rows)]
-            for probe in probes:
-                save.remove(probe[0])  # each probe added its source once
-            inputs = iter(conv2ds(p)[0].in_channels for p in probe_layers)
-            for i, (spec, name, options) in plans.items():
-                stand_in = layers[i]
-                if spec.scales_width:
-                    convs = conv2ds(stand_in)
-                    c1, c2, n = convs[0].in_channels, convs[0].out_channels, len(convs)
-                    act = next((getattr(m, 'act', None) for m in stand_in.modules() if isinstance(m, Conv)), None)
-                else:
-                    c1 = c2 = next(inputs)
-                    n = len(stand_in) if isinstance(stand_in, nn.Sequential) else 1
-                    act = None
-                problem = _check_options(name, spec, c2, options)
-                if problem:
-                    raise _row_error(i, name, scale, problem)
-                args = [c1, c2, n] if spec.repeats_inside else [c1, c2] if spec.scales_width else [c1]
-                try:
-                    with _default_act(act):
-                        if spec.repeats_inside or n == 1:
-                            module = spec.cls(*args, **options)
-                        else:
-                            module = nn.Sequential(*(spec.cls(*args, **options) for _ in range(n)))
-                except (ValueError, TypeError) as e:
-                    raise _row_error(i, name, scale, str(e)) from e
-                module.i, module.f, module.type = i, stand_in.f, f'{spec.cls.__module__}.{spec.cls.__qualname__}'
-                module.np = sum(p.numel() for p in module.parameters())
-                layers[i] = module
-                replaced[i] = module
-                table[i] = _table_line(module, n, args + list(options.values()))
-        finally:
-            stack.close()  # release the held records before printing them
-            if verbose:
-                _print_table(logger, held, table, len(rows))
-    return layers, save
+
+def _build_row(i: int, spec: RowSpec, name: str, options: Dict[str, Any], stand_in: nn.Module, inputs: Iterator[int],
+               scale: Optional[str]) -> Tuple[nn.Module, str]:
+    """Our module for row ``i`` at the stand-in's widths and depth (an identity's input width from ``inputs``), with
+    the attributes Ultralytics sets, and its line of the model table."""
+    if spec.scales_width:
+        convs = conv2ds(stand_in)
+        c1, c2, n = convs[0].in_channels, convs[0].out_channels, len(convs)
+        act = next((getattr(m, 'act', None) for m in stand_in.modules() if isinstance(m, Conv)), None)
+    else:
+        c1 = c2 = next(inputs)
+        n = len(stand_in) if isinstance(stand_in, nn.Sequential) else 1
+        act = None
+    problem = _check_options(name, spec, c2, options)
+    if problem:
+        raise _row_error(i, name, scale, problem)
+    args = [c1, c2, n] if spec.repeats_inside else [c1, c2] if spec.scales_width else [c1]
+    try:
+        with _default_act(act):
+            if spec.repeats_inside or n == 1:
+                module = spec.cls(*args, **options)
+            else:
+                module = nn.Sequential(*(spec.cls(*args, **options) for _ in range(n)))
+    except (ValueError, TypeError) as e:
+        raise _row_error(i, name, scale, str(e)) from e
+    module.i, module.f, module.type = i, stand_in.f, f'{spec.cls.__module__}.{spec.cls.__qualname__}'
+    module.np = sum(p.numel() for p in module.parameters())
+    return module, _table_line(module, n, args + list(options.values()))
 
 
 def conv2ds(module: nn.Module) -> List[nn.Conv2d]:

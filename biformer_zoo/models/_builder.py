@@ -18,7 +18,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, get_arch_pretrained
 
 from ..weights import (
     check_pretrained_state_dict, manifest_pretrained_cfgs, pretrained_weights_file, reading_checkpoints)
-from ._pyramid import MIN_INPUT_SIZE, PyramidModel, take_indices_of
+from ._pyramid import MIN_INPUT_SIZE, PyramidModel, check_out_indices
 
 __all__ = [
     'UnknownModelError', 'CheckpointFilter', 'create_pyramid_model', 'pretrained_cfgs', 'check_pretrained_tag',
@@ -121,9 +121,9 @@ def create_pyramid_model(
     checks timm would answer with an assertion (``output_stride``, ``out_indices``) and with the pretrained cfg
     resolved once and its weights a checked local file."""
     _check_output_stride(kwargs.pop('output_stride', None))
-    if kwargs.get('features_only') and kwargs.get('out_indices') is not None:
-        depths = kwargs.get('depths')
-        take_indices_of(len(depths) if hasattr(depths, '__len__') else 4, kwargs['out_indices'])
+    if kwargs.get('features_only') and kwargs.get('out_indices') is not None:  # before timm's wrappers assert
+        num_stages = len(kwargs['depths']) if hasattr(kwargs.get('depths'), '__len__') else 4
+        kwargs['out_indices'] = check_out_indices(num_stages, kwargs['out_indices'])
     cfg = _resolve_cfg(variant, kwargs)
     if pretrained:
         cfg = pretrained_weights_file(variant, cfg, kwargs.get('cache_dir'))

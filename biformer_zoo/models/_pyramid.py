@@ -10,7 +10,7 @@ not rename official keys itself: a load that silently rewrites keys hides which 
 guess inside any larger model holding this one.
 """
 import numbers
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,22 @@ def check_per_stage(name: str, value: Any, example: str) -> None:
         raise ValueError(f'{name} needs one entry per stage, e.g. {name}={example}; got {value!r}')
 
 
+def check_depths(depths: Any, example: str) -> None:
+    """Raise a ``ValueError`` unless ``depths`` gives each stage an int >= 0 blocks (0: the stage is its downsampling
+    only, as the official code allows)."""
+    check_per_stage('depths', depths, example)
+    for i, depth in enumerate(depths):
+        check_int_arg(f'depths[{i}]', depth, minimum=0, fix=f'depths gives the blocks of each stage, e.g. {example}')
+
+
+def check_mlp_ratio(name: str, ratio: Any, dim: int) -> None:
+    """Raise a ``ValueError`` unless ``ratio`` (the argument ``name``) gives an MLP of ``dim`` channels a hidden
+    width ``int(ratio * dim)`` of at least 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not (ratio > 0 and int(ratio * dim) >= 1):
+        raise ValueError(f'{name} must be a number > 0 giving at least one hidden channel (int({name} * {dim})), got '
+                         f'{ratio!r}; the official models use 3 (BiFormer) or 4 (BiFormer-STL, CrossFormer)')
+
+
 def check_head_args(num_classes: int, global_pool: str) -> None:
     """A classifier needs pooled features: ``global_pool=''`` keeps the map, so only ``num_classes=0`` fits it."""
     check_int_arg('num_classes', num_classes, minimum=0, fix='use 0 for no classifier')
@@ -50,19 +66,43 @@ def check_head_args(num_classes: int, global_pool: str) -> None:
                          f"num_classes=0 with it, or a pooling type ({', '.join(map(repr, POOL_TYPES))})")
 
 
+def check_out_indices(num_stages: int, out_indices: Union[int, Sequence[int]], name: str = 'out_indices'
+                      ) -> Tuple[int, ...]:
+    """The stages ``out_indices`` names, read as timm reads them (an int n: the last n stages; a sequence: those
+    stages, a negative index counting from the end), as a tuple of indices from 0.
+
+    Each stage must exist and be named once, in increasing order: the maps come out in stage order, once each, and
+    ``feature_info`` must describe exactly them. Anything else raises a ``ValueError`` naming the tuple to pass.
+    """
+    if isinstance(out_indices, numbers.Integral) and not isinstance(out_indices, bool):
+        if not 0 < out_indices <= num_stages:
+            raise ValueError(f'an int takes the last n stages: n must be between 1 and {num_stages}, got {out_indices}')
+        return tuple(range(num_stages - int(out_indices), num_stages))
+    if isinstance(out_indices, (str, bytes)) or not hasattr(out_indices, '__len__') or not len(out_indices):
+        raise ValueError(f'{name} must name at least one stage (0 to {num_stages - 1}, e.g. (1, 2, 3)), or be an int '
+                         f'n for the last n stages; got {out_indices!r}')
+    bad = [i for i in out_indices if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+           or not -num_stages <= i < num_stages]
+    if bad:
+        raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
+                         f'{num_stages - 1}, or negative from the end)')
+    stages = tuple(int(i) + num_stages if i < 0 else int(i) for i in out_indices)
+    fix = tuple(sorted(set(stages)))
+    if len(fix) < len(stages):
+        repeated = sorted({i for i in stages if stages.count(i) > 1})
+        raise ValueError(f'{name}={tuple(out_indices)} names stage(s) {repeated} more than once; each stage gives '
+                         f'one map: pass {name}={fix}')
+    if stages != fix:
+        raise ValueError(f'{name}={tuple(out_indices)} is not in increasing order (stages {stages}); the maps come '
+                         f'out in stage order, which feature_info describes: pass {name}={fix}')
+    return stages
+
+
 def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
-    """timm's ``feature_take_indices`` with a ``ValueError`` (not an assertion) for stages that do not exist."""
-    if isinstance(indices, int):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f'an int takes the last n stages: n must be between 1 and {num_stages}, got {indices}')
-    elif indices is not None:
-        if not hasattr(indices, '__len__') or not len(indices):
-            raise ValueError(f'out_indices/indices must name at least one stage (0 to {num_stages - 1}, e.g. '
-                             f'(1, 2, 3)), or be an int n for the last n stages; got {indices!r}')
-        bad = [i for i in indices if not isinstance(i, int) or not -num_stages <= i < num_stages]
-        if bad:
-            raise ValueError(f'stage indices {bad} do not exist: the model has {num_stages} stages (0 to '
-                             f'{num_stages - 1}, or negative from the end)')
+    """timm's ``feature_take_indices``, with the checks of ``check_out_indices`` (``ValueError``s, not assertions;
+    stages named once, in increasing order)."""
+    if indices is not None:
+        check_out_indices(num_stages, indices, name='indices')
     return feature_take_indices(num_stages, indices)
 
 

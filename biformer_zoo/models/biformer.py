@@ -15,7 +15,7 @@ Same architectures and parameters as the official models; official checkpoints l
 The official nchw STL checkpoint applies LePE to the values in its last stage; load it with the
 ``biformer_stl.in1k_nchw`` tag (or ``global_lepe_on_value=True``).
 """
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
 from ..layers.helpers import check_int_arg
 from ._builder import create_pyramid_model, map_official_state_dict, pretrained_cfgs, pretrained_tag
-from ._pyramid import PyramidModel, PyramidStage, check_per_stage
+from ._pyramid import PyramidModel, PyramidStage, check_depths, check_mlp_ratio, check_per_stage
 
 __all__ = ['BiFormer']
 
@@ -153,61 +153,105 @@ class BiFormer(PyramidModel):
             drop_path_rate: float = 0.,
     ):
         super().__init__()
-        check_per_stage('depths', depths, '(4, 4, 18, 4)')
-        check_per_stage('embed_dims', embed_dims, '(64, 128, 256, 512)')
-        check_per_stage('mlp_ratios', mlp_ratios, '(3, 3, 3, 3)')
-        check_per_stage('topks', topks, '(1, 4, 16, None)')
-        check_int_arg('n_win', n_win, fix='n_win is the number of regions per side of the routed attention (7 at 224 px)')
-        check_int_arg('head_dim', head_dim, fix='head_dim is the number of channels per head (32 in every official model)')
-        num_stages = len(depths)
-        if not (len(embed_dims) == len(mlp_ratios) == len(topks) == num_stages):
-            raise ValueError(
-                f'depths, embed_dims, mlp_ratios and topks need one entry per stage, got {len(depths)}, '
-                f'{len(embed_dims)}, {len(mlp_ratios)} and {len(topks)}')
-        for topk in topks:
-            if topk is not None and not 1 <= topk <= n_win ** 2:
-                raise ValueError(
-                    f'topks={tuple(topks)} do not fit n_win={n_win}: each topk must be between 1 and '
-                    f'n_win**2 = {n_win ** 2} (or None for global attention); lower topks or raise n_win')
-        if stem_type not in ('overlap', 'patch'):
-            raise ValueError(f"stem_type must be 'overlap' or 'patch', got {stem_type!r}")
+        _check_biformer_args(depths, embed_dims, mlp_ratios, head_dim, n_win, topks, global_num_heads, stem_type)
         self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
-
-        if stem_type == 'overlap':
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1),
-                nn.BatchNorm2d(embed_dims[0] // 2),
-                nn.GELU(),
-                nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, stride=2, padding=1),
-                nn.BatchNorm2d(embed_dims[0]),
-            )
-        else:
-            self.stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, stride=4), nn.BatchNorm2d(embed_dims[0]))
-
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, split by stage
-        self.feature_info = []
-        stages = []
-        for i in range(num_stages):
-            stages.append(BiFormerStage(
-                in_dim=embed_dims[i - 1] if i > 0 else embed_dims[0],
-                dim=embed_dims[i],
-                depth=depths[i],
-                downsample=stem_type if i > 0 else '',
-                drop_path=dpr[i],
-                num_heads=embed_dims[i] // head_dim,
-                num_regions=n_win,
-                topk=topks[i],
-                global_num_heads=global_num_heads,
-                mlp_ratio=mlp_ratios[i],
-                pos_embed_kernel=pos_embed_kernel,
-                side_dwconv=side_dwconv,
-                global_lepe_on_value=global_lepe_on_value,
-            ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+        self.stem = _biformer_stem(stem_type, in_chans, embed_dims[0])
+        self.stages, self.feature_info = _biformer_stages(
+            depths, embed_dims, mlp_ratios, head_dim, topks, stem_type, drop_path_rate, num_regions=n_win,
+            global_num_heads=global_num_heads, pos_embed_kernel=pos_embed_kernel, side_dwconv=side_dwconv,
+            global_lepe_on_value=global_lepe_on_value)
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
+
+
+def _divisors_of_all(dims: Sequence[int]) -> List[int]:
+    return [d for d in range(1, min(dims) + 1) if all(dim % d == 0 for dim in dims)]
+
+
+def _check_heads(head_dim: int, global_num_heads: int, embed_dims: Sequence[int], topks: Sequence[Any]) -> None:
+    """``head_dim`` must divide the width of every routed stage, ``global_num_heads`` that of every global one."""
+    routed = [dim for dim, topk in zip(embed_dims, topks) if topk is not None]
+    if routed and any(dim % head_dim for dim in routed):
+        raise ValueError(f'head_dim={head_dim} must divide the width of every stage with routed attention '
+                         f'{tuple(routed)} (heads = width // head_dim); use head_dim from {_divisors_of_all(routed)} '
+                         f'(32 in every official model)')
+    check_int_arg('global_num_heads', global_num_heads, fix='global_num_heads is the number of heads of the '
+                                                            'global-attention stages (8 in the official models)')
+    plain = [dim for dim, topk in zip(embed_dims, topks) if topk is None]
+    if plain and any(dim % global_num_heads for dim in plain):
+        raise ValueError(f'global_num_heads={global_num_heads} must divide the width of every stage with global '
+                         f'attention {tuple(plain)}; use global_num_heads from {_divisors_of_all(plain)} (8 in the '
+                         f'official models)')
+
+
+def _check_biformer_args(depths: Any, embed_dims: Any, mlp_ratios: Any, head_dim: Any, n_win: Any, topks: Any,
+                         global_num_heads: Any, stem_type: Any) -> None:
+    """Raise a ``ValueError`` naming the argument, what it must be and the fix, for BiFormer's own arguments."""
+    check_depths(depths, '(4, 4, 18, 4)')
+    check_per_stage('embed_dims', embed_dims, '(64, 128, 256, 512)')
+    check_per_stage('mlp_ratios', mlp_ratios, '(3, 3, 3, 3)')
+    check_per_stage('topks', topks, '(1, 4, 16, None)')
+    check_int_arg('n_win', n_win, fix='n_win is the number of regions per side of the routed attention (7 at 224 px)')
+    check_int_arg('head_dim', head_dim, fix='head_dim is the number of channels per head (32 in every official model)')
+    if not (len(embed_dims) == len(mlp_ratios) == len(topks) == len(depths)):
+        raise ValueError(
+            f'depths, embed_dims, mlp_ratios and topks need one entry per stage, got {len(depths)}, '
+            f'{len(embed_dims)}, {len(mlp_ratios)} and {len(topks)}')
+    for i, dim in enumerate(embed_dims):
+        check_int_arg(f'embed_dims[{i}]', dim, fix='embed_dims gives the channels of each stage, e.g. '
+                                                   '(64, 128, 256, 512)')
+        check_mlp_ratio(f'mlp_ratios[{i}]', mlp_ratios[i], dim)
+    for topk in topks:
+        if topk is not None and not 1 <= topk <= n_win ** 2:
+            raise ValueError(
+                f'topks={tuple(topks)} do not fit n_win={n_win}: each topk must be between 1 and '
+                f'n_win**2 = {n_win ** 2} (or None for global attention); lower topks or raise n_win')
+    _check_heads(head_dim, global_num_heads, embed_dims, topks)
+    if stem_type not in ('overlap', 'patch'):
+        raise ValueError(f"stem_type must be 'overlap' or 'patch', got {stem_type!r}")
+
+
+def _biformer_stem(stem_type: str, in_chans: int, dim: int) -> nn.Sequential:
+    """'overlap': two 3x3 stride-2 conv + BN (GELU between); 'patch': a 4x4 stride-4 conv + BN."""
+    if stem_type == 'overlap':
+        return nn.Sequential(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1),
+            nn.BatchNorm2d(dim // 2),
+            nn.GELU(),
+            nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1),
+            nn.BatchNorm2d(dim),
+        )
+    return nn.Sequential(nn.Conv2d(in_chans, dim, 4, stride=4), nn.BatchNorm2d(dim))
+
+
+def _biformer_stages(
+        depths: Sequence[int],
+        embed_dims: Sequence[int],
+        mlp_ratios: Sequence[float],
+        head_dim: int,
+        topks: Sequence[Optional[int]],
+        stem_type: str,
+        drop_path_rate: float,
+        **block_kwargs: Any,
+) -> Tuple[nn.Sequential, List[Dict[str, Any]]]:
+    """The stages (each after the first downsampling as the stem does) and their ``feature_info``."""
+    dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # per block, split by stage
+    stages, feature_info = [], []
+    for i, depth in enumerate(depths):
+        stages.append(BiFormerStage(
+            in_dim=embed_dims[i - 1] if i > 0 else embed_dims[0],
+            dim=embed_dims[i],
+            depth=depth,
+            downsample=stem_type if i > 0 else '',
+            drop_path=dpr[i],
+            num_heads=embed_dims[i] // head_dim,
+            topk=topks[i],
+            mlp_ratio=mlp_ratios[i],
+            **block_kwargs,
+        ))
+        feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
+    return nn.Sequential(*stages), feature_info
 
 
 def _map_official_key(key: str) -> str:

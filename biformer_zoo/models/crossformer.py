@@ -27,7 +27,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from ..layers.helpers import check_int_arg
 from ._builder import create_pyramid_model, map_official_state_dict, pretrained_cfgs
-from ._pyramid import PyramidModel, PyramidStage, check_per_stage, check_rate
+from ._pyramid import PyramidModel, PyramidStage, check_depths, check_mlp_ratio, check_per_stage, check_rate
 
 __all__ = ['CrossFormer']
 
@@ -158,9 +158,10 @@ class CrossFormer(PyramidModel):
             drop_path_rate: float = 0.,
     ):
         super().__init__()
-        check_per_stage('depths', depths, '(2, 2, 6, 2)')
+        check_depths(depths, '(2, 2, 6, 2)')
         check_per_stage('num_heads', num_heads, '(3, 6, 12, 24)')
         check_int_arg('embed_dim', embed_dim, fix='embed_dim is the width of the first stage (64-128 in the official models)')
+        check_mlp_ratio('mlp_ratio', mlp_ratio, embed_dim)
         check_rate('proj_drop_rate', proj_drop_rate)
         check_rate('attn_drop_rate', attn_drop_rate)
         num_stages = len(depths)

@@ -236,40 +236,73 @@ def benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        steps: Dict[str, Callable[[], None]] = {}
-        static_bytes: Dict[str, int] = {}
-        params: Dict[str, int] = {}
-        peak_bytes: Dict[str, int] = {}
         with progress_bar(show_progress) as progress:
             task = progress.add_task('building', total=len(names) * (1 + warmup + rounds + 1))
+            built = {}
             for name in names:
                 progress.update(task, description=f'building {name}')
-                extra_kwargs = (model_kwargs or {}) if name != baseline else {}
-                model = create_model_for_size(name, size, **extra_kwargs).to(device)
-                inputs = torch.randn(batch_size, int(getattr(model, 'in_chans', 3) or 3), *size, device=device)
-                steps[name] = make_step(model, inputs, mode, amp)
-                static_bytes[name] = _tensor_bytes(model, inputs)
-                params[name] = sum(p.numel() for p in model.parameters())
+                built[name] = _build_step(name, size, batch_size, mode, amp, device,
+                                          (model_kwargs or {}) if name != baseline else {})
                 progress.advance(task)
             progress.update(task, description=f'{warmup} warm-up step(s) each, {rounds} round-robin rounds')
-            samples = round_robin(steps, rounds, device, on_step=lambda: progress.advance(task), warmup=warmup)
+            samples = round_robin({name: b.step for name, b in built.items()}, rounds, device,
+                                  on_step=lambda: progress.advance(task), warmup=warmup)
             progress.update(task, description='measuring memory')
-            for name in names:
-                if device.type == 'cuda':
-                    peak_bytes[name] = static_bytes[name] + _cuda_step_allocation_peak(steps[name], device)
-                else:
-                    peak_bytes[name] = static_bytes[name] + _cpu_step_allocation_peak(steps[name])
+            peak_bytes = {}
+            for name, b in built.items():
+                peak_bytes[name] = b.static_bytes + _step_allocation_peak(b.step, device)
                 progress.advance(task)
         machine = machine_info(device)
     finally:
         torch.set_num_threads(previous_threads)
 
+    results = _bench_results(built, samples, peak_bytes, batch_size, baseline)
+    settings = dict(img_size=list(size), batch_size=batch_size, mode=mode, rounds=rounds, warmup=warmup,
+                    threads=threads if threads is not None else previous_threads, device=str(device), amp=amp,
+                    model_kwargs=dict(model_kwargs or {}))
+    return BenchReport(
+        results=results, baseline=baseline, settings=settings, machine=machine, memory_method=_memory_method(device),
+        # the baseline is listed too when it was the only model: a command without names benches every zoo model
+        command=reproduce_command([n for n in names if n != baseline] or list(names), settings, baseline))
+
+
+@dataclass
+class _BuiltStep:
+    """One model, ready to time: its step, the bytes of its parameters, buffers and input, its parameter count."""
+    step: Callable[[], None]
+    static_bytes: int
+    params: int
+
+
+def _build_step(name: str, size: Sequence[int], batch_size: int, mode: str, amp: Optional[str],
+                device: torch.device, model_kwargs: Dict[str, Any]) -> _BuiltStep:
+    model = create_model_for_size(name, size, **model_kwargs).to(device)
+    inputs = torch.randn(batch_size, int(getattr(model, 'in_chans', 3) or 3), *size, device=device)
+    return _BuiltStep(step=make_step(model, inputs, mode, amp), static_bytes=_tensor_bytes(model, inputs),
+                      params=sum(p.numel() for p in model.parameters()))
+
+
+def _step_allocation_peak(step: Callable[[], None], device: torch.device) -> int:
+    if device.type == 'cuda':
+        return _cuda_step_allocation_peak(step, device)
+    return _cpu_step_allocation_peak(step)
+
+
+def _memory_method(device: torch.device) -> str:
+    method = ('torch.cuda.max_memory_allocated increase during one step' if device.type == 'cuda' else
+              'torch CPU allocator events (torch.profiler profile_memory) during one step')
+    return method + ' + parameters, buffers and input batch'
+
+
+def _bench_results(built: Dict[str, _BuiltStep], samples: Dict[str, List[float]], peak_bytes: Dict[str, int],
+                   batch_size: int, baseline: Optional[str]) -> List[BenchResult]:
+    """One ``BenchResult`` per model from its latency samples (ms), with the ratios to ``baseline`` if given."""
     results = []
-    for name in names:
+    for name, b in built.items():
         quartiles = statistics.quantiles(samples[name], n=4) if len(samples[name]) > 1 else [samples[name][0]] * 3
         median = statistics.median(samples[name])
         results.append(BenchResult(
-            model=name, params=params[name], latency_ms_median=median, latency_ms_p25=quartiles[0],
+            model=name, params=b.params, latency_ms_median=median, latency_ms_p25=quartiles[0],
             latency_ms_p75=quartiles[2], latency_ms_min=min(samples[name]), throughput=batch_size / (median / 1e3),
             peak_memory_mb=peak_bytes[name] / 2 ** 20, samples_ms=samples[name]))
     if baseline:
@@ -277,16 +310,7 @@ def benchmark(
         for r in results:
             r.latency_ratio = r.latency_ms_median / reference.latency_ms_median
             r.throughput_ratio = r.throughput / reference.throughput
-    memory_method = ('torch.cuda.max_memory_allocated increase during one step' if device.type == 'cuda' else
-                     'torch CPU allocator events (torch.profiler profile_memory) during one step')
-    memory_method += ' + parameters, buffers and input batch'
-    settings = dict(img_size=list(size), batch_size=batch_size, mode=mode, rounds=rounds, warmup=warmup,
-                    threads=threads if threads is not None else previous_threads, device=str(device), amp=amp,
-                    model_kwargs=dict(model_kwargs or {}))
-    return BenchReport(
-        results=results, baseline=baseline, settings=settings, machine=machine, memory_method=memory_method,
-        # the baseline is listed too when it was the only model: a command without names benches every zoo model
-        command=reproduce_command([n for n in names if n != baseline] or list(names), settings, baseline))
+    return results
 
 
 def bench_tables(report: BenchReport) -> List[TextTable]:

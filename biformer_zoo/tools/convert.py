@@ -1,10 +1,27 @@
 """``biformer-zoo convert``: an official checkpoint into a Hub-ready folder (``model.safetensors``, timm's
-``config.json``, a model card), optionally recorded in the manifest and uploaded to the Hub."""
-import tempfile
+``config.json``, a model card), optionally recorded in the manifest and uploaded to the Hub.
+
+A conversion is all or nothing. It is written into a temporary folder beside ``--out`` and moved into place by one
+rename once every file is written and checked; a run that fails leaves no folder it created. A lock file beside
+``--out`` (``.<name>.convert.lock``, created exclusively) refuses a second run into the same ``--out`` while one is
+running. ``overwrite=True`` swaps the new folder for the old one in one rename (``renameat2(RENAME_EXCHANGE)`` on
+Linux; elsewhere the old folder is moved aside first), so an interruption leaves the old conversion whole; files of
+the user's beside the old conversion are carried over into the new folder.
+
+What was written is recorded in ``conversion.json`` (each file's size and sha256; it stays in the folder and is
+not uploaded). ``push_to_hub`` uploads only a folder whose files still match that record.
+"""
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -13,15 +30,17 @@ from .._version import __version__
 from .flops import flop_analysis
 from ..weights import (
     WEIGHTS_FILE, PathLike, PretrainedWeightsError, check_checkpoint_file, find_manifest_entry, load_manifest,
-    load_official_checkpoint, manifest_entries,
-    save_safetensors_reproducibly, sha256_file, update_manifest_entry)
+    load_official_checkpoint, manifest_entries, read_safetensors_header, save_safetensors_reproducibly, sha256_file,
+    update_manifest_entry)
 from ..weights._progress import step
 from ..models import checkpoint_filter_for
 from .layouts import guess_architecture, layout_mismatch
 
-__all__ = ['CONVERTED_FILES', 'ConversionResult', 'convert_checkpoint', 'push_to_hub']
+__all__ = ['CONVERTED_FILES', 'RECORD_FILE', 'ConversionResult', 'check_recorded_files', 'convert_checkpoint',
+           'conversion_lock', 'push_to_hub']
 
 CONVERTED_FILES = (WEIGHTS_FILE, 'config.json', 'README.md')  # what convert writes, and all that push uploads
+RECORD_FILE = 'conversion.json'  # each converted file's size and sha256, as convert wrote it; never uploaded
 
 
 @dataclass
@@ -35,11 +54,15 @@ class ConversionResult:
     source_sha256: str
     params: int
     gflops: Optional[float]
+    use_ema: bool = True
     pushed_to: Optional[str] = None
 
 
 def _model_card(entry: Dict[str, Any], family: Dict[str, Any], result: ConversionResult, source_name: str) -> str:
     """README.md for the Hub repo: usage, provenance, measured and reported numbers, license and citation."""
+    ema_rule = ('the EMA weights where the checkpoint holds them (`state_dict_ema`, `model_ema`), else `model`, '
+                "as biformer-zoo and timm load checkpoints" if result.use_ema else
+                '`model` (or `state_dict`), not the EMA weights (`--no-ema`)')
     arch, tag = entry['architecture'], entry['tag']
     prep, reported = entry['preprocessing'], entry['reported']
     size = 'x'.join(str(s) for s in prep['input_size'][1:])
@@ -85,8 +108,9 @@ transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, mod
 - Converted from the official checkpoint `{source_name}` (sha256 `{result.source_sha256}`), released at:
 {sources}
 - Converted with biformer-zoo {__version__}:
-  `biformer-zoo convert --model {arch} --tag {tag} --checkpoint {source_name}`
+  `biformer-zoo convert --model {arch} --tag {tag} --checkpoint {source_name}{'' if result.use_ema else ' --no-ema'}`
   (keys mapped by the model's checkpoint_filter_fn, loaded strictly, forward checked)
+- Weights: {ema_rule}
 - `{WEIGHTS_FILE}` sha256 `{result.sha256}`, {result.size:,} bytes
 
 ## License
@@ -112,30 +136,78 @@ def _hub_token(folder: PathLike, repo_id: str, token: Optional[str] = None) -> s
     return token
 
 
+def _network_errors() -> Tuple[type, ...]:
+    """What an upload raises when the Hub cannot be reached or answers with an error: ``OSError`` (requests' errors
+    and ``HfHubHTTPError`` are ones) and the HTTP errors of the httpx client that huggingface_hub uses."""
+    errors: List[type] = [OSError]
+    for module in ('httpx2', 'httpx'):
+        with contextlib.suppress(ImportError):
+            errors.append(__import__(module).HTTPError)
+    return tuple(errors)
+
+
+def _record_files(folder: Path, files: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``{name: {'size': bytes, 'sha256': hex}}`` of ``files`` in ``folder``."""
+    return {name: dict(size=(folder / name).stat().st_size, sha256=sha256_file(folder / name)) for name in files}
+
+
+def _describe(entry: Any) -> str:
+    """A record entry as '<size> bytes, sha256 <first 12>...'."""
+    if not (isinstance(entry, dict) and isinstance(entry.get('size'), int) and isinstance(entry.get('sha256'), str)):
+        return f'{entry!r}' if entry is not None else 'nothing'
+    return f"{entry['size']:,} bytes, sha256 {entry['sha256'][:12]}..."
+
+
+def check_recorded_files(folder: PathLike, files: Sequence[str] = CONVERTED_FILES) -> None:
+    """Raise a ``ValueError`` unless each of ``files`` in ``folder`` has the size and sha256 that convert recorded in
+    its ``conversion.json``: a file changed, damaged or cut short since it was written is never uploaded."""
+    folder = Path(folder)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} has no {', '.join(missing)}; push a folder written by `biformer-zoo convert`")
+    try:
+        recorded = json.loads((folder / RECORD_FILE).read_text(encoding='utf-8'))['files']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{folder} has no readable {RECORD_FILE} ({e}), the record of what `biformer-zoo convert` '
+                         f'wrote; convert again into a new folder (or with --overwrite) and push that') from None
+    measured = _record_files(folder, files)
+    changed = [f'{name} ({_describe(m)}; recorded {_describe(recorded.get(name))})'
+               for name, m in measured.items() if recorded.get(name) != m]
+    if changed:
+        raise ValueError(f"{folder} holds files that are not what convert wrote: {'; '.join(changed)}. Nothing was "
+                         f"uploaded; convert again (with --overwrite) and push the new folder")
+
+
 def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None,
                 files: Sequence[str] = CONVERTED_FILES) -> str:
     """Upload ``files`` of a converted folder (by default what ``convert_checkpoint`` writes, and nothing else that
     lies in it) to the Hub repo ``repo_id`` (created if needed), in one commit; returns the commit URL.
 
-    The token comes from ``token``, else the environment (``HF_TOKEN``) or ``hf auth login``.
+    Each file must still have the size and sha256 recorded in the folder's ``conversion.json``
+    (``check_recorded_files``), checked before anything goes to the network. The token comes from ``token``, else the
+    environment (``HF_TOKEN``) or ``hf auth login``. An unreachable Hub or an error answer raises
+    ``PretrainedWeightsError`` with one line saying what failed.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
     folder = Path(folder)
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing:
-        raise ValueError(f"{folder} has no {', '.join(missing)}; push a folder written by `biformer-zoo convert`")
+    check_recorded_files(folder, files)
     api = HfApi(token=_hub_token(folder, repo_id, token))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     try:
         api.create_repo(repo_id, exist_ok=True)
         commit = api.create_commit(repo_id, operations,
                                    commit_message=f'Add {folder.name} converted with biformer-zoo')
-    except HfHubHTTPError as e:
+    except _network_errors() as e:
+        reason = ' '.join(str(e).split()) or type(e).__name__
         raise PretrainedWeightsError(
-            f"uploading {folder} to the Hub repo '{repo_id}' failed: {e}. Check that HF_TOKEN has write access to "
-            f"that repo (or its organisation).") from e
+            f"uploading {folder} to the Hub repo '{repo_id}' failed ({type(e).__name__}: {reason}). Check the "
+            f"network and that HF_TOKEN has write access to that repo (or its organisation); the converted folder "
+            f"is kept: push it again with biformer_zoo.tools.convert.push_to_hub") from e
     return str(commit.commit_url)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the output folder: checked, locked, written beside --out, then renamed into place
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -144,7 +216,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ValueError(f'--out {out_dir} is a file; pass a folder to write the converted weights into')
     present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if present and not overwrite:
-        if set(present) <= set(CONVERTED_FILES):
+        if set(present) <= {*CONVERTED_FILES, RECORD_FILE}:
             raise ValueError(f"--out {out_dir} already holds a conversion ({', '.join(present)}); pass --overwrite "
                              f"to replace it, or another folder")
         shown = ', '.join(present[:5]) + (f' and {len(present) - 5} more' if len(present) > 5 else '')
@@ -152,42 +224,147 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                          f'--overwrite to write into it anyway (its other files are kept and never uploaded)')
 
 
-def _make_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir``, refusing one that cannot be written, with the fix."""
+def _unwritable(out_dir: Path, error: OSError) -> ValueError:
+    return ValueError(f'--out {out_dir} cannot be written ({error.strerror or error}: {error.filename or out_dir}); '
+                      f'pass a folder you can write to')
+
+
+def _make_parents(out_dir: Path) -> List[Path]:
+    """Create the missing folders above ``out_dir``; returns those created, the deepest last."""
+    missing = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]
+    created = []
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):  # the folder may exist and still refuse files
-            pass
+        for folder in missing:
+            folder.mkdir(exist_ok=True)
+            created.append(folder)
     except OSError as e:
-        raise ValueError(f'--out {out_dir} cannot be written ({e.strerror or e}: {e.filename or out_dir}); pass a '
-                         f'folder you can write to') from None
+        _remove_empty(created)
+        raise _unwritable(out_dir, e) from None
+    return created
 
 
-def convert_checkpoint(
-        model_name: str,
-        checkpoint: PathLike,
-        out_dir: PathLike,
-        tag: str = 'in1k',
-        push: Optional[str] = None,
-        update_manifest: bool = False,
-        manifest_path: Optional[PathLike] = None,
-        measure_flops: bool = True,
-        progress: bool = True,
-        overwrite: bool = False,
-) -> ConversionResult:
-    """Convert an official checkpoint of ``model_name.tag`` into a Hub-ready folder (``model_name`` may carry the
-    tag, as in ``'biformer_small.in1k'``).
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest last) that are still empty; a run beside this one may have put files there."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
-    Loads ``checkpoint`` with ``weights_only=True``, maps it with the family's ``checkpoint_filter_fn``, loads it
-    strictly, checks a forward pass, and writes ``model.safetensors`` (architecture, tag and source sha256 in its
-    metadata), timm's ``config.json`` and a model card ``README.md`` into ``out_dir``. Optionally records sha256/size
-    in the manifest and uploads those three files (nothing else in ``out_dir``) to ``push`` (a Hub repo id).
 
-    ``out_dir`` must be new or empty; ``overwrite=True`` writes into a folder that holds files anyway (a previous
-    conversion is replaced; other files are kept and not uploaded).
-    """
-    from timm.models._hub import save_config_for_hf
+def _lock_path(out_dir: Path) -> Path:
+    return out_dir.with_name(f'.{out_dir.name}.convert.lock')
 
+
+@contextlib.contextmanager
+def conversion_lock(out_dir: PathLike) -> Iterator[Path]:
+    """Hold the lock file beside ``out_dir`` while inside (created with ``O_EXCL``, removed on the way out, also on
+    an error); a second holder is refused with a ``ValueError`` naming the lock. Yields the lock's path."""
+    out_dir = Path(out_dir)
+    lock = _lock_path(out_dir)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise ValueError(
+            f'another `biformer-zoo convert` is writing --out {out_dir} (its lock {lock} exists); wait for it to '
+            f'finish or pass another --out. If no convert is running (a killed run leaves the lock behind), delete '
+            f'{lock} and run again') from None
+    except OSError as e:
+        raise _unwritable(out_dir, e) from None
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(f'{os.getpid()}\n')
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _new_folder_beside(out_dir: Path, what: str) -> Path:
+    """A new empty folder ``.<name>.<what>-<random>`` beside ``out_dir``, with the permissions a plain mkdir gives
+    (``tempfile.mkdtemp``'s 0700 would become ``--out``'s)."""
+    folder = out_dir.with_name(f'.{out_dir.name}.{what}-{secrets.token_hex(4)}')
+    folder.mkdir()
+    return folder
+
+
+@contextlib.contextmanager
+def _staging_folder(out_dir: Path) -> Iterator[Path]:
+    """Hold the lock beside ``out_dir`` and yield a new temporary folder beside it; on the way out the folder (if not
+    renamed into place), the lock and the parent folders this created are removed."""
+    created = _make_parents(out_dir)
+    try:
+        with conversion_lock(out_dir):
+            try:
+                staging = _new_folder_beside(out_dir, 'converting')
+            except OSError as e:
+                raise _unwritable(out_dir, e) from None
+            try:
+                yield staging
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _carry_user_files(old: Path, new: Path) -> None:
+    """Hard-link (else copy) the files of the user's in ``old`` that are not part of a conversion into ``new``."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in old.iterdir():
+        if entry.name in (*CONVERTED_FILES, RECORD_FILE):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link_or_copy)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        else:
+            link_or_copy(str(entry), str(new / entry.name))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one rename (Linux ``renameat2(RENAME_EXCHANGE)``); False if the system or
+    the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None) if os.name == 'posix' else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange on this system or file system
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out_dir``. An ``out_dir`` holding files (``overwrite``) is swapped
+    for it in one rename, with the user's other files carried over first; the old folder then ends at ``staging``'s
+    path, which the caller removes."""
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        os.replace(staging, out_dir)  # a missing or empty out_dir
+        return
+    _carry_user_files(out_dir, staging)
+    if _exchange(staging, out_dir):
+        return
+    aside = _new_folder_beside(out_dir, 'replaced')
+    os.replace(out_dir, aside)  # interrupted after this, the old conversion is whole in `aside`
+    os.replace(staging, out_dir)
+    os.replace(aside, staging)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the steps of a conversion
+
+
+def _resolve_entry(model_name: str, tag: str, push: Optional[str], update_manifest: bool
+                   ) -> Tuple[str, str, Dict[str, Any]]:
+    """The architecture, tag and manifest entry of ``model_name`` (which may carry the tag), with the fix when the
+    name, the tag or ``push`` with ``update_manifest`` does not fit the manifest."""
     if '.' in model_name:  # 'biformer_small.in1k': the tag may come with the name
         model_name, name_tag = model_name.split('.', 1)
         if tag not in ('in1k', name_tag):
@@ -203,23 +380,15 @@ def convert_checkpoint(
     if push and update_manifest and push != entry['hf_hub_id']:
         raise ValueError(f"--update-manifest with --push {push}: the manifest's repo for {model_name}.{tag} is "
                          f"{entry['hf_hub_id']}; push there, or leave out --update-manifest")
-    if update_manifest and not push and entry['status'] == 'published':
-        published_sha256 = entry['sha256']
-    else:
-        published_sha256 = None
-    out_dir = Path(out_dir)
-    if push:
-        _hub_token(out_dir, push)  # before any work is done
-    _check_out_dir(out_dir, overwrite)
-    checkpoint = Path(checkpoint)
-    check_checkpoint_file(checkpoint)
-    _make_out_dir(out_dir)  # only now: a missing or wrong checkpoint leaves no folder behind
-    family = load_manifest()['families'][entry['family']]
-    model_tag = f'{model_name}.{tag}'
+    return model_name, tag, entry
 
-    source_sha256 = sha256_file(checkpoint, progress=progress)
+
+def _load_converted_model(
+        checkpoint: Path, model_tag: str, entry: Dict[str, Any], use_ema: bool, progress: bool) -> torch.nn.Module:
+    """``model_tag`` holding the official ``checkpoint`` (its EMA weights first unless ``use_ema=False``), mapped by
+    the family's filter and loaded strictly."""
     with step(f'loading {checkpoint.name} (weights_only=True)', progress):
-        official = load_official_checkpoint(checkpoint)
+        official = load_official_checkpoint(checkpoint, use_ema=use_ema)
 
     with step(f'mapping onto {model_tag} and loading strictly', progress):
         model = timm.create_model(model_tag).eval()
@@ -236,8 +405,13 @@ def convert_checkpoint(
                     f'The official file for {model_tag} is {official_file}.')
             raise ValueError(f"{checkpoint} does not fit {model_tag}: {'; '.join(problems)}. {hint}")
         model.load_state_dict(mapped, strict=True)
+    return model
 
-    with step('checking a forward pass', progress), torch.no_grad():
+
+@torch.no_grad()
+def _check_forward(model: torch.nn.Module, model_tag: str, progress: bool) -> None:
+    """One forward pass at the pretrained input size: logits of the right shape, all finite."""
+    with step('checking a forward pass', progress):
         input_size = tuple(model.pretrained_cfg['input_size'])
         images = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
         logits = model(images)
@@ -245,34 +419,109 @@ def convert_checkpoint(
             raise ValueError(f'{model_tag} with the converted weights gives logits of shape {tuple(logits.shape)} '
                              f'with non-finite values; the checkpoint or its mapping is broken')
 
-    params = sum(p.numel() for p in model.parameters())
-    gflops = None
-    if measure_flops:
-        with step(f'counting FLOPs at {input_size[1]}x{input_size[2]} (fvcore)', progress), torch.no_grad():
-            with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns that it is deprecated
-                warnings.simplefilter('ignore')
-                gflops = flop_analysis(model, torch.zeros(1, *input_size)).total() / 1e9
 
-    weights_file = out_dir / WEIGHTS_FILE
-    with step(f'writing {weights_file}', progress):
+@torch.no_grad()
+def _count_gflops(model: torch.nn.Module, progress: bool) -> float:
+    input_size = tuple(model.pretrained_cfg['input_size'])
+    with step(f'counting FLOPs at {input_size[1]}x{input_size[2]} (fvcore)', progress):
+        with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns that it is deprecated
+            warnings.simplefilter('ignore')
+            return flop_analysis(model, torch.zeros(1, *input_size)).total() / 1e9
+
+
+def _write_weights(model: torch.nn.Module, folder: Path, metadata: Dict[str, str], progress: bool) -> Path:
+    """``model.safetensors`` and timm's ``config.json`` in ``folder``; the weights file read back whole, with every
+    tensor of the model."""
+    from timm.models._hub import save_config_for_hf
+    weights_file = folder / WEIGHTS_FILE
+    with step(f'writing {WEIGHTS_FILE}', progress):
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        metadata = dict(format='pt', architecture=model_name, tag=tag, source_sha256=source_sha256)
         save_safetensors_reproducibly(tensors, weights_file, metadata)
-        save_config_for_hf(model, out_dir / 'config.json')
-    result = ConversionResult(
-        model=model_tag, out_dir=out_dir, weights_file=weights_file, sha256=sha256_file(weights_file, progress),
-        size=weights_file.stat().st_size, source_sha256=source_sha256, params=params, gflops=gflops)
-    (out_dir / 'README.md').write_text(_model_card(entry, family, result, checkpoint.name), encoding='utf-8')
+        save_config_for_hf(model, folder / 'config.json')
+    try:
+        written = set(read_safetensors_header(weights_file)[0])
+    except ValueError as e:
+        raise ValueError(f'{weights_file} was not written whole ({e}); check the free space and run again') from None
+    if written != set(tensors):
+        raise ValueError(f'{weights_file} holds {len(written)} tensors after writing, the model {len(tensors)}; '
+                         f'run again')
+    return weights_file
 
-    if published_sha256 is not None and published_sha256 != result.sha256:
+
+def _write_record(folder: Path, model_tag: str) -> None:
+    """``conversion.json``: the size and sha256 of each converted file, which ``push_to_hub`` checks."""
+    record = dict(model=model_tag, files=_record_files(folder, CONVERTED_FILES))
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
+
+
+def _check_published(entry: Dict[str, Any], result: 'ConversionResult') -> None:
+    """``--update-manifest`` without ``--push`` over a published entry: the conversion must give the published file."""
+    if entry['sha256'] != result.sha256:
         raise ValueError(
-            f"{model_tag} is published with sha256 {published_sha256}, but this conversion wrote {result.sha256} "
-            f"({weights_file}); the manifest describes the file on the Hub, so it is left as it is. Convert the "
-            f"official file the manifest names (source sha256 {entry.get('source_sha256')}), or --push the new file")
+            f"{result.model} is published with sha256 {entry['sha256']}, but this conversion gives {result.sha256}; "
+            f"the manifest describes the file on the Hub, so it is left as it is (and nothing is written). Convert "
+            f"the official file the manifest names (source sha256 {entry.get('source_sha256')}), or --push the new "
+            f"file")
+
+
+def convert_checkpoint(
+        model_name: str,
+        checkpoint: PathLike,
+        out_dir: PathLike,
+        tag: str = 'in1k',
+        push: Optional[str] = None,
+        update_manifest: bool = False,
+        manifest_path: Optional[PathLike] = None,
+        measure_flops: bool = True,
+        progress: bool = True,
+        overwrite: bool = False,
+        use_ema: bool = True,
+) -> ConversionResult:
+    """Convert an official checkpoint of ``model_name.tag`` into a Hub-ready folder (``model_name`` may carry the
+    tag, as in ``'biformer_small.in1k'``).
+
+    Loads ``checkpoint`` with ``weights_only=True``, maps it with the family's ``checkpoint_filter_fn``, loads it
+    strictly, checks a forward pass, and writes ``model.safetensors`` (architecture, tag and source sha256 in its
+    metadata), timm's ``config.json``, a model card ``README.md`` and ``conversion.json`` (their sizes and sha256)
+    into ``out_dir``, all at once (see the module docstring). Optionally records sha256/size in the manifest and
+    uploads the three converted files (nothing else in ``out_dir``) to ``push`` (a Hub repo id).
+
+    ``out_dir`` must be new or empty; ``overwrite=True`` replaces a folder that holds files (a previous conversion
+    is replaced; other files are kept and not uploaded). A training checkpoint holding EMA weights gives those, as
+    every load path does (``weights.official``); ``use_ema=False`` takes ``model``.
+    """
+    model_name, tag, entry = _resolve_entry(model_name, tag, push, update_manifest)
+    keep_published = update_manifest and not push and entry['status'] == 'published'
+    out_dir = Path(out_dir)
+    if push:
+        _hub_token(out_dir, push)  # before any work is done
+    _check_out_dir(out_dir, overwrite)
+    checkpoint = Path(checkpoint)
+    check_checkpoint_file(checkpoint)  # before the lock: a missing or wrong checkpoint leaves nothing behind
+    model_tag = f'{model_name}.{tag}'
+    target = Path(os.path.realpath(out_dir))  # a link to a folder: the lock and the new folder go beside the folder
+    with _staging_folder(target) as staging:
+        _check_out_dir(target, overwrite)  # again, now that no other convert can write it
+        source_sha256 = sha256_file(checkpoint, progress=progress)
+        model = _load_converted_model(checkpoint, model_tag, entry, use_ema, progress)
+        _check_forward(model, model_tag, progress)
+        gflops = _count_gflops(model, progress) if measure_flops else None
+        metadata = dict(format='pt', architecture=model_name, tag=tag, source_sha256=source_sha256)
+        weights_file = _write_weights(model, staging, metadata, progress)
+        result = ConversionResult(
+            model=model_tag, out_dir=out_dir, weights_file=out_dir / WEIGHTS_FILE,
+            sha256=sha256_file(weights_file, progress), size=weights_file.stat().st_size, source_sha256=source_sha256,
+            params=sum(p.numel() for p in model.parameters()), gflops=gflops, use_ema=use_ema)
+        family = load_manifest()['families'][entry['family']]
+        (staging / 'README.md').write_text(_model_card(entry, family, result, checkpoint.name), encoding='utf-8')
+        _write_record(staging, model_tag)
+        if keep_published:
+            _check_published(entry, result)
+        _move_into_place(staging, target)
     if push:
         result.pushed_to = push_to_hub(out_dir, push)
     if update_manifest:
         update_manifest_entry(
             model_name, tag, manifest_path, sha256=result.sha256, size=result.size, source_sha256=source_sha256,
-            status='published' if push or published_sha256 is not None else 'converted')
+            status='published' if push or keep_published else 'converted')
     return result

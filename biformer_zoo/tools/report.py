@@ -175,40 +175,16 @@ def profile(
         raise ValueError(f'batch_size must be at least 1, got {batch_size}')
     img_size = parse_img_size(input_size)
     given_chans = int(input_size[0]) if isinstance(input_size, (tuple, list)) and len(input_size) == 3 else None
-    if isinstance(model_or_name, str):
-        name = model_or_name
-        kwargs = dict(model_kwargs or {})
-        if given_chans is not None:
-            kwargs.setdefault('in_chans', given_chans)
-        model = create_model_for_size(name, img_size, features_only=features_only, **kwargs)
-    elif model_kwargs:
-        raise ValueError(f'model_kwargs={model_kwargs} only apply to a model name; build the module with them instead')
-    elif isinstance(model_or_name, nn.Module):
-        model = model_or_name
-        cfg = getattr(model, 'pretrained_cfg', None) or {}
-        name = cfg.get('architecture') or type(model).__name__
-    else:
-        raise ValueError(f'expected a model name or an nn.Module, got {type(model_or_name).__name__}')
+    model, name = _model_to_profile(model_or_name, img_size, given_chans, features_only, model_kwargs)
     in_chans = given_chans or int(getattr(model, 'in_chans', 3) or 3)
     model.eval()
     inputs = torch.randn(batch_size, in_chans, *img_size)  # (B, C, H, W)
 
     extra_op_calls: Counter = Counter()
     flops = flop_analysis(model, inputs, calls=extra_op_calls)
-    activations = activation_analysis(model, inputs).total()
-    flops_by_module = flops.by_module()
-    flops_by_module_op = flops.by_module_and_operator()
-    uncounted = Counter({_uncounted_label(op): n for op, n in flops.unsupported_ops().items()})
-    attention_calls = sum(extra_op_calls[op] for op in ATTENTION_OPS)
-    if attention_calls:
-        uncounted[SDPA_UNCOUNTED] = attention_calls
-
-    modules = dict(model.named_modules())
     stage_modules = _stage_modules(model)
-    stages = [StageProfile(
-        name=listed_name, params=sum(p.numel() for p in modules[module_name].parameters()),
-        gflops=flops_by_module[module_name] / 1e9, gflops_by_operator=_gflops(flops_by_module_op[module_name]))
-        for listed_name, module_name in stage_modules]
+    stages = _stage_profiles(model, flops, stage_modules)
+    flops_by_module = flops.by_module()
     total_params = sum(p.numel() for p in model.parameters())
     result = ModelProfile(
         model=name,
@@ -218,22 +194,64 @@ def profile(
         params=total_params,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         gflops=flops.total() / 1e9,
-        activations_m=activations / 1e6,
+        activations_m=activation_analysis(model, inputs).total() / 1e6,
         stages=stages,
         model_kwargs=dict(model_kwargs or {}),
         other_params=total_params - sum(s.params for s in stages),
         other_gflops=(flops.total() - sum(flops_by_module[module_name] for _, module_name in stage_modules)) / 1e9,
         gflops_by_operator=_gflops(flops.by_operator()),
-        uncounted_ops=dict(uncounted.most_common()),
+        uncounted_ops=_uncounted_ops(flops, extra_op_calls),
     )
     result.reference = _reference(name, result, getattr(model, 'num_classes', None))
-    if result.features_only:
-        result.notes.append('features_only backbone: stem and stages, no final norm or head')
-    if _architecture(name) in PAPER_NUMBERS and result.reference is None:
-        result.notes.append('paper numbers not compared: they are for 224x224 with the 1000-class head')
-    if not stages:
-        result.notes.append('no feature_info on the model: no per-stage numbers')
+    result.notes.extend(_profile_notes(result, name))
     return result
+
+
+def _model_to_profile(model_or_name: Union[str, nn.Module], img_size: Tuple[int, int], given_chans: Optional[int],
+                      features_only: bool, model_kwargs: Optional[Dict[str, Any]]) -> Tuple[nn.Module, str]:
+    """The model ``profile`` measures and its name: built from a name, or the module as given."""
+    if isinstance(model_or_name, str):
+        kwargs = dict(model_kwargs or {})
+        if given_chans is not None:
+            kwargs.setdefault('in_chans', given_chans)
+        return create_model_for_size(model_or_name, img_size, features_only=features_only, **kwargs), model_or_name
+    if model_kwargs:
+        raise ValueError(f'model_kwargs={model_kwargs} only apply to a model name; build the module with them instead')
+    if not isinstance(model_or_name, nn.Module):
+        raise ValueError(f'expected a model name or an nn.Module, got {type(model_or_name).__name__}')
+    cfg = getattr(model_or_name, 'pretrained_cfg', None) or {}
+    return model_or_name, cfg.get('architecture') or type(model_or_name).__name__
+
+
+def _stage_profiles(model: nn.Module, flops: Any, stage_modules: List[Tuple[str, str]]) -> List[StageProfile]:
+    """Parameters and GFLOPs (by operator too) of each stage module."""
+    modules = dict(model.named_modules())
+    flops_by_module = flops.by_module()
+    flops_by_module_op = flops.by_module_and_operator()
+    return [StageProfile(
+        name=listed_name, params=sum(p.numel() for p in modules[module_name].parameters()),
+        gflops=flops_by_module[module_name] / 1e9, gflops_by_operator=_gflops(flops_by_module_op[module_name]))
+        for listed_name, module_name in stage_modules]
+
+
+def _uncounted_ops(flops: Any, extra_op_calls: Counter) -> Dict[str, int]:
+    """The operators fvcore did not count, by calls, most called first (attention kernels under one label)."""
+    uncounted = Counter({_uncounted_label(op): n for op, n in flops.unsupported_ops().items()})
+    attention_calls = sum(extra_op_calls[op] for op in ATTENTION_OPS)
+    if attention_calls:
+        uncounted[SDPA_UNCOUNTED] = attention_calls
+    return dict(uncounted.most_common())
+
+
+def _profile_notes(result: ModelProfile, name: str) -> List[str]:
+    notes = []
+    if result.features_only:
+        notes.append('features_only backbone: stem and stages, no final norm or head')
+    if _architecture(name) in PAPER_NUMBERS and result.reference is None:
+        notes.append('paper numbers not compared: they are for 224x224 with the 1000-class head')
+    if not result.stages:
+        notes.append('no feature_info on the model: no per-stage numbers')
+    return notes
 
 
 def profile_many(
