@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.helpers import check_int_arg
-from ..models._pyramid import check_rate
+from ..layers.helpers import check_rate
 from .backbones import FeatureBackbone, build_feature_backbone
 from .fpn import conv_norm_act
 from .presets import check_num_classes, head_settings, preset_num_classes, resolve_settings

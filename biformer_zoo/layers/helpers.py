@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_function
 
-__all__ = ['check_image_input', 'check_feature_map', 'check_int_arg', 'parameter_dtype']
+__all__ = ['check_image_input', 'check_feature_map', 'check_int_arg', 'check_rate', 'parameter_dtype']
 
 
 @register_notrace_function
@@ -131,3 +131,10 @@ def check_int_arg(name: str, value: Any, minimum: Optional[int] = 1, fix: str = 
         raise ValueError(f'{name} must be an int, got {value!r} ({type(value).__name__}); {fix}')
     if minimum is not None and value < minimum:
         raise ValueError(f'{name} must be >= {minimum}, got {value}; {fix}')
+
+
+def check_rate(name: str, value: Any) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a probability in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f'{name} must be a number in [0, 1) (a probability per sample), got {value!r}; '
+                         f'stochastic depth and dropout rates used in training are 0.0-0.5')

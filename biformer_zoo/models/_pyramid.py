@@ -19,18 +19,11 @@ from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
 from ..layers import check_image_input
-from ..layers.helpers import check_int_arg, parameter_dtype
+from ..layers.helpers import check_int_arg, check_rate, parameter_dtype
 from ..weights import check_state_dict
 
 MIN_INPUT_SIZE = 32  # both families: the stride-32 stages need at least one pixel of the last map
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax')
-
-
-def check_rate(name: str, value: Any) -> None:
-    """Raise a ``ValueError`` unless ``value`` is a probability in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(f'{name} must be a number in [0, 1) (a probability per sample), got {value!r}; '
-                         f'stochastic depth and dropout rates used in training are 0.0-0.5')
 
 
 def check_per_stage(name: str, value: Any, example: str) -> None:
@@ -106,9 +99,9 @@ def take_indices_of(num_stages: int, indices: Optional[Union[int, List[int]]]) -
     return feature_take_indices(num_stages, indices)
 
 
-class PyramidStage(nn.Module):
-    """A stage of either family: ``downsample``, then ``blocks`` (an ``nn.Sequential``) on (B, H, W, C) maps, each
-    through timm's ``checkpoint`` when ``grad_checkpointing`` is set."""
+class CheckpointedStage(nn.Module):
+    """Base of either family's stage (``downsample``, then ``blocks``, an ``nn.Sequential``, on (B, H, W, C) maps):
+    ``forward_blocks`` runs each block through timm's ``checkpoint`` when ``grad_checkpointing`` is set."""
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks on ``x``, each through timm's ``checkpoint`` when gradient checkpointing is on."""
@@ -124,7 +117,7 @@ class PyramidModel(nn.Module):
 
     Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of stages, each with ``downsample`` and ``blocks``
     and a ``grad_checkpointing`` flag), ``norm``, ``head`` (a timm ``ClassifierHead``) and ``feature_info``, and call
-    ``set_head_settings`` (which checks the shared arguments and sets ``in_chans``, ``num_classes``, ... for timm).
+    ``init_shared_settings`` (which checks the shared arguments and sets ``in_chans``, ``num_classes``, ... for timm).
     The class names the key prefixes of the official layout, so that ``load_state_dict`` can say what it was given.
 
     Every family takes ``in_chans`` (input image channels), ``num_classes`` (classifier outputs; 0 for no
@@ -149,10 +142,12 @@ class PyramidModel(nn.Module):
                                  'what fits.')
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def set_head_settings(self, in_chans: int, num_classes: int, global_pool: str, drop_rate: float,
-                          drop_path_rate: float, num_features: int) -> None:
-        """Check the arguments both families take and set the attributes timm and the shared methods read."""
-        check_int_arg('in_chans', in_chans, fix='in_chans is the number of image channels, e.g. 3 (RGB) or 1 (grayscale)')
+    def init_shared_settings(self, in_chans: int, num_classes: int, global_pool: str, drop_rate: float,
+                             drop_path_rate: float, num_features: int) -> None:
+        """Check the arguments both families take (input channels, head, rates) and set the attributes timm and the
+        shared methods read (``in_chans``, ``num_classes``, ``num_features``, ``grad_checkpointing``, ...)."""
+        check_int_arg('in_chans', in_chans,
+                      fix='in_chans is the number of image channels, e.g. 3 (RGB) or 1 (grayscale)')
         check_head_args(num_classes, global_pool)
         check_rate('drop_rate', drop_rate)
         check_rate('drop_path_rate', drop_path_rate)

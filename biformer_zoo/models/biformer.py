@@ -25,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from ..layers import AttentionLePE, BiLevelRoutingAttention, DepthwiseConv2d, RecomputeGeluMlp
 from ..layers.helpers import check_int_arg
 from ._builder import create_pyramid_model, map_official_state_dict, pretrained_cfgs, pretrained_tag
-from ._pyramid import PyramidModel, PyramidStage, check_depths, check_mlp_ratio, check_per_stage
+from ._pyramid import CheckpointedStage, PyramidModel, check_depths, check_mlp_ratio, check_per_stage
 
 __all__ = ['BiFormer']
 
@@ -73,7 +73,7 @@ class BiFormerBlock(nn.Module):
         return x
 
 
-class BiFormerStage(PyramidStage):
+class BiFormerStage(CheckpointedStage):
     """Downsampling (or identity after the stem) followed by BiFormer blocks; (B, C, H, W) in and out."""
 
     def __init__(
@@ -154,7 +154,7 @@ class BiFormer(PyramidModel):
     ):
         super().__init__()
         _check_biformer_args(depths, embed_dims, mlp_ratios, head_dim, n_win, topks, global_num_heads, stem_type)
-        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
+        self.init_shared_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
         self.stem = _biformer_stem(stem_type, in_chans, embed_dims[0])
         self.stages, self.feature_info = _biformer_stages(
             depths, embed_dims, mlp_ratios, head_dim, topks, stem_type, drop_path_rate, num_regions=n_win,

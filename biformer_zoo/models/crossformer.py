@@ -25,9 +25,9 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, calculate_dr
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
-from ..layers.helpers import check_int_arg
+from ..layers.helpers import check_int_arg, check_rate
 from ._builder import create_pyramid_model, map_official_state_dict, pretrained_cfgs
-from ._pyramid import PyramidModel, PyramidStage, check_depths, check_mlp_ratio, check_per_stage, check_rate
+from ._pyramid import CheckpointedStage, PyramidModel, check_depths, check_mlp_ratio, check_per_stage
 
 __all__ = ['CrossFormer']
 
@@ -76,7 +76,7 @@ class CrossFormerBlock(nn.Module):
         return x
 
 
-class CrossFormerStage(PyramidStage):
+class CrossFormerStage(CheckpointedStage):
     """Cross-scale merging (or identity after the stem), then blocks alternating SDA and LDA; NCHW in and out."""
 
     def __init__(
@@ -160,7 +160,8 @@ class CrossFormer(PyramidModel):
         super().__init__()
         check_depths(depths, '(2, 2, 6, 2)')
         check_per_stage('num_heads', num_heads, '(3, 6, 12, 24)')
-        check_int_arg('embed_dim', embed_dim, fix='embed_dim is the width of the first stage (64-128 in the official models)')
+        check_int_arg('embed_dim', embed_dim,
+                      fix='embed_dim is the width of the first stage (64-128 in the official models)')
         check_mlp_ratio('mlp_ratio', mlp_ratio, embed_dim)
         check_rate('proj_drop_rate', proj_drop_rate)
         check_rate('attn_drop_rate', attn_drop_rate)
@@ -172,7 +173,7 @@ class CrossFormer(PyramidModel):
                 f'depths, num_heads, group_size and interval need one entry per stage, got {len(depths)}, '
                 f'{len(num_heads)}, {len(group_sizes)} and {len(intervals)}')
         embed_dims = [embed_dim * 2 ** i for i in range(num_stages)]
-        self.set_head_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
+        self.init_shared_settings(in_chans, num_classes, global_pool, drop_rate, drop_path_rate, embed_dims[-1])
 
         self.stem = CrossScaleEmbed(in_chans, embed_dim, patch_kernel_sizes, stride=4, channels_last=False)
 
