@@ -254,30 +254,30 @@ class BiLevelRoutingAttention(nn.Module):
         k_regions = k.detach().view(B, n, rh, n, rw, self.qk_dim).mean((2, 4)).flatten(1, 2)  # (B, regions, qk_dim)
         _, routed = self.router(q_regions, k_regions)  # (B, regions, topk)
 
-        out = self.fine_attention(q, k, v, routed)
-        if self.lepe is not None:
-            out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, Hp, Wp, dim)
-        out = self.proj(out)
+        lepe = None if self.lepe is None else self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, Hp, Wp, dim)
+        out = self.proj(self.fine_attention(q, k, v, routed, lepe))
         if pad_b > 0 or pad_r > 0:
             out = out[:, :H, :W].contiguous()
         if not self.channels_last:
             out = out.permute(0, 3, 1, 2)
         return out
 
-    def fine_attention(
-            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, as ``attn_impl`` says;
-        (B, Hp, Wp, dim) from every execution."""
+    def fine_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor,
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, as ``attn_impl`` says, plus
+        ``residual`` (B, Hp, Wp, dim) if given (the LePE map); (B, Hp, Wp, dim) from every execution."""
         if torch.jit.is_scripting():
             impl = self._choose_impl(v)
         else:
             impl = self._resolve_impl(v)
         if impl == 'dense':
             Hp, Wp = v.shape[1], v.shape[2]
-            return self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
-        if impl == 'triton':
-            return self._triton_attention(q, k, v, routed)
-        return self._gathered_attention(q, k, v, routed, custom_backward=impl == 'gather')
+            out = self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
+        elif impl == 'triton':
+            out = self._triton_attention(q, k, v, routed)
+        else:  # the gathered paths add the residual while putting their region-order output in row-major order
+            return self._gathered_attention(q, k, v, routed, residual, custom_backward=impl == 'gather')
+        return out if residual is None else out + residual
 
     @torch.jit.unused
     def _resolve_impl(self, v: torch.Tensor) -> str:
@@ -324,8 +324,9 @@ class BiLevelRoutingAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, Hp, Wp, self.dim)
 
     def _gathered_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor,
-                            custom_backward: bool = True) -> torch.Tensor:
-        """Every region's queries over the gathered tokens of its routed regions, (B, Hp, Wp, *) -> (B, Hp, Wp, dim).
+                            residual: Optional[torch.Tensor] = None, custom_backward: bool = True) -> torch.Tensor:
+        """Every region's queries over the gathered tokens of its routed regions, plus ``residual`` if given;
+        (B, Hp, Wp, *) -> (B, Hp, Wp, dim).
 
         ``custom_backward``: when gradients are needed, the autograd Function that keeps only the projected tokens
         for backward.
@@ -347,10 +348,13 @@ class BiLevelRoutingAttention(nn.Module):
             out = routed_attention(q, k, v, q_index, kv_index, self.num_heads, self.scale)
         else:
             out = self._routed_attention_autograd(q, k, v, q_index, kv_index)
-        # (B * regions, heads, tokens, d) in region order -> (B, Hp, Wp, dim) in row-major order: one copy
+        # (B * regions, heads, tokens, d) in region order -> (B, n, rh, n, rw, heads, d), still in region order
         heads = self.num_heads
         out = out.view(B, n, n, heads, rh, rw, self.dim // heads).permute(0, 1, 4, 2, 5, 3, 6)
-        return out.reshape(B, Hp, Wp, self.dim)
+        if residual is not None:
+            # the row-major residual first: the sum takes its layout, so adding is also the reordering pass
+            out = residual.view(out.shape) + out
+        return out.reshape(B, Hp, Wp, self.dim)  # free after the sum (row-major already), else one copy
 
 
 def _check_impl(attn_impl: str) -> None:
