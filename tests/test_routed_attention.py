@@ -28,9 +28,10 @@ CASES: List[Tuple[str, Dict, Tuple[int, int, int]]] = [
     ('no_lepe', dict(dim=16, num_heads=2, num_regions=2, topk=2, side_dwconv=0), (2, 6, 10)),
     ('channels_last', dict(dim=16, num_heads=2, num_regions=2, topk=3, channels_last=True), (2, 6, 10)),
     ('topk_1', dict(dim=16, num_heads=2, num_regions=3, topk=1), (1, 9, 15)),  # regions of 3x5 tokens
-    ('topk_all', dict(dim=16, num_heads=4, num_regions=3, topk=9), (1, 7, 8)),  # padded to 9x9, head dim 4
-    ('fewer_tokens_than_regions', dict(dim=16, num_heads=2, num_regions=3, topk=4), (2, 2, 2)),  # one token each
+    ('topk_all', dict(dim=16, num_heads=2, num_regions=3, topk=9), (1, 7, 8)),  # padded to 9x9
+    ('fewer_tokens_than_regions', dict(dim=16, num_heads=4, num_regions=3, topk=4), (1, 2, 2)),  # 1 token a region, head dim 4
     ('empty_batch', dict(dim=16, num_heads=2, num_regions=2, topk=2), (0, 6, 6)),
+    ('two_query_tiles', dict(dim=16, num_heads=1, num_regions=2, topk=2), (1, 18, 16)),  # 72 tokens a region
 ]
 
 
@@ -136,7 +137,7 @@ def triton_results() -> Dict[str, Dict[str, float]]:
 def test_triton_kernels_equal_reference_in_the_interpreter(triton_results, case):
     """Forward, input and parameter gradients of ``attn_impl='triton'`` (Triton's interpreter, fp32) against the
     plain math: odd region sizes (3x5 tokens), padded maps, topk 1 and every region, qk_dim != dim, no LePE,
-    channels-last, one token per region, an empty batch."""
+    channels-last, one token per region, an empty batch, regions larger than one tile (64 tokens)."""
     differences = triton_results[case]
     largest = max(differences['output'], differences['input_grad'], differences['param_grads'])
     assert largest <= TRITON_TOLERANCE * max(differences['reference_scale'], 1.), differences
