@@ -5,6 +5,7 @@ Triton's interpreter, which must be switched on before triton is imported (and t
 in one subprocess (this file run as a script with ``TRITON_INTERPRET=1``) that reports the differences as JSON.
 ``tests/test_cuda.py`` compares the executions on a GPU.
 """
+import copy
 import json
 import os
 import subprocess
@@ -116,6 +117,12 @@ def triton_differences() -> Dict[str, Dict[str, float]]:
         results[name] = dict(output=largest([fast[0] - ref[0]]), input_grad=largest([fast[1] - ref[1]]),
                              param_grads=largest([a - b for a, b in zip(fast[2:], ref[2:])]),
                              reference_scale=largest(ref))
+    # fp16 (the tiles cast to fp16 before every product, fp32 accumulation) against the fp32 plain math; bf16 is left
+    # to tests/test_cuda.py: the interpreter's tl.dot of bf16 tiles is wrong (Triton 3.8)
+    layer, x = make_case('qk_dim', torch.float32)
+    fast = outputs_and_gradients(copy.deepcopy(layer).half(), x.half(), 'triton')
+    ref = outputs_and_gradients(layer, x, 'reference')
+    results['fp16_relative_error'] = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(fast, ref))
     # what 'auto' picks on CPU tensors although the interpreter could run the kernels there
     results['auto_on_cpu'] = [BiLevelRoutingAttention(16, num_heads=2, num_regions=7, topk=topk)._choose_impl(
         torch.empty(1, side, side, 16)) for topk, side in ((16, 14), (4, 28))]
@@ -141,6 +148,12 @@ def test_triton_kernels_equal_reference_in_the_interpreter(triton_results, case)
     differences = triton_results[case]
     largest = max(differences['output'], differences['input_grad'], differences['param_grads'])
     assert largest <= TRITON_TOLERANCE * max(differences['reference_scale'], 1.), differences
+
+
+def test_triton_kernels_in_fp16_close_to_fp32(triton_results):
+    """The layer in fp16 with 'triton' (interpreter) against the fp32 plain math: output and every gradient within
+    the relative error of fp16 inputs (fp32 accumulation keeps it near fp16's own rounding, 5e-4)."""
+    assert triton_results['fp16_relative_error'] < 5e-3
 
 
 def test_auto_keeps_the_cpu_executions_under_the_interpreter(triton_results):

@@ -17,13 +17,15 @@ routing indices:
   result does not depend on scheduling (deterministic).
 
 Tiles are powers of two (at least 16, what ``tl.dot`` needs); lanes beyond the real tokens or head channels are
-masked, so regions of any size (3 x 5 tokens, 1 token) and head dims of any width run. Products accumulate in fp32
-for fp32, bf16 and fp16 inputs; fp32 inputs multiply in full fp32 unless ``torch.backends.cuda.matmul.allow_tf32``.
+masked, so regions of any size (3 x 5 tokens, 1 token; larger than 64 tokens in several blocks) and head dims of
+any width run. Products accumulate in fp32 for fp32, bf16 and fp16 inputs; fp32 inputs multiply in full fp32 unless
+``torch.backends.cuda.matmul.allow_tf32``. Offsets are 32-bit: maps of 2**31 elements or more are refused.
 
 Triton is optional: without it this module still imports (``AVAILABLE`` is False and the layer refuses
 ``attn_impl='triton'``). The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported: ``INTERPRETED``), which is how the CPU tests run them.
 """
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -40,8 +42,19 @@ else:
 __all__ = ['AVAILABLE', 'IMPORT_ERROR', 'INTERPRETED', 'TritonRoutedAttention', 'inverse_routing', 'runs_on']
 
 AVAILABLE = triton is not None
-# the kernels were built for Triton's interpreter (CPU tensors) rather than compiled for a GPU
-INTERPRETED = AVAILABLE and bool(triton.knobs.runtime.interpret)
+
+
+def _interpreting() -> bool:
+    """Whether ``triton.jit`` builds kernels for Triton's interpreter (``TRITON_INTERPRET``), as it decides."""
+    knobs = getattr(triton, 'knobs', None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'  # Triton < 3.4
+
+
+# the kernels below are built for the interpreter (CPU tensors) rather than compiled for a GPU: triton.jit decides
+# when it decorates them, at this module's import
+INTERPRETED = AVAILABLE and _interpreting()
 
 
 def runs_on(device: torch.device) -> bool:
@@ -267,6 +280,9 @@ class TritonRoutedAttention(torch.autograd.Function):
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor, num_regions: int,
                 heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
         q, k, v, routed = q.contiguous(), k.contiguous(), v.contiguous(), routed.contiguous()
+        if max(q.numel(), v.numel()) >= 2 ** 31:
+            raise ValueError(f"attn_impl='triton' addresses its maps with 32-bit offsets; got {tuple(v.shape)} values "
+                             f"(2**31 elements or more): split the batch, or use attn_impl='gather'")
         geometry, meta = _launch_settings(q, v, num_regions, heads)
         tokens = geometry['region_h'] * geometry['region_w']
         out = torch.empty_like(v)  # (B, Hp, Wp, dim)
@@ -287,7 +303,7 @@ class TritonRoutedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, unused_grad_lse: Optional[torch.Tensor]):
         q, k, v, routed, out, lse = (t.contiguous() for t in ctx.saved_tensors)
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(v.dtype).contiguous()  # tl.dot multiplies operands of one dtype
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if v.shape[0] > 0:
             geometry, meta = _launch_settings(q, v, ctx.num_regions, ctx.heads)
