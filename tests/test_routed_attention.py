@@ -30,7 +30,8 @@ CASES: List[Tuple[str, Dict, Tuple[int, int, int]]] = [
     ('channels_last', dict(dim=16, num_heads=2, num_regions=2, topk=3, channels_last=True), (2, 6, 10)),
     ('topk_1', dict(dim=16, num_heads=2, num_regions=3, topk=1), (1, 9, 15)),  # regions of 3x5 tokens
     ('topk_all', dict(dim=16, num_heads=2, num_regions=3, topk=9), (1, 7, 8)),  # padded to 9x9
-    ('fewer_tokens_than_regions', dict(dim=16, num_heads=4, num_regions=3, topk=4), (1, 2, 2)),  # 1 token a region, head dim 4
+    # padded to 3x3: one token a region; head dim 4
+    ('fewer_tokens_than_regions', dict(dim=16, num_heads=4, num_regions=3, topk=4), (1, 2, 2)),
     ('empty_batch', dict(dim=16, num_heads=2, num_regions=2, topk=2), (0, 6, 6)),
     ('two_query_tiles', dict(dim=16, num_heads=1, num_regions=2, topk=2), (1, 18, 16)),  # 72 tokens a region
 ]
@@ -65,16 +66,18 @@ def test_execution_equals_reference_forward_and_backward(case, attn_impl):
 
 @pytest.mark.parametrize('attn_impl', CPU_IMPLS)
 def test_every_execution_returns_the_row_major_map(attn_impl):
-    """``fine_attention`` of every execution: a (B, Hp, Wp, dim) map, the plain math's values in the same places."""
+    """``fine_attention`` of every execution: a (B, Hp, Wp, dim) map, the plain math's values in the same places,
+    plus the residual (the LePE map) where one is given."""
     torch.manual_seed(0)
     layer = BiLevelRoutingAttention(16, num_heads=2, num_regions=2, topk=2, qk_dim=8).double()
     q, k = torch.randn(2, 2, 6, 10, 8, dtype=torch.float64).unbind(0)  # (B, Hp, Wp, qk_dim) each
-    v = torch.randn(2, 6, 10, 16, dtype=torch.float64)
+    v, residual = torch.randn(2, 2, 6, 10, 16, dtype=torch.float64).unbind(0)  # (B, Hp, Wp, dim) each
     routed = torch.tensor([[[0, 1], [1, 2], [3, 2], [0, 3]], [[2, 1], [0, 3], [1, 0], [3, 2]]])
     with routed_attention_impl(layer, 'reference'):
         expected = layer.fine_attention(q, k, v, routed)
     with routed_attention_impl(layer, attn_impl):
-        torch.testing.assert_close(layer.fine_attention(q, k, v, routed), expected)
+        outputs = [layer.fine_attention(q, k, v, routed), layer.fine_attention(q, k, v, routed, residual)]
+    torch.testing.assert_close(outputs, [expected, expected + residual])
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_says_what_to_do():
@@ -91,8 +94,9 @@ def test_without_triton_the_package_imports_and_triton_is_refused():
         'import biformer_zoo', 'from biformer_zoo.layers import BiLevelRoutingAttention',
         'try:', '    BiLevelRoutingAttention(16, num_heads=2, attn_impl="triton")',
         'except ValueError as e:', '    print(e)'])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]))
     result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])))
+                            env=env)
     assert "attn_impl='triton' needs the triton package" in result.stdout, result.stderr[-2000:]
 
 
