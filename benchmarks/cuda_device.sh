@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in one command: benchmarks/cuda_report.py, then the CUDA tests.
+# One GPU session's checks, in one command: benchmarks/cuda_report.py (groups in this order: one BRA layer per
+# attn_impl incl. 'triton', biformer_small per attn_impl, eval/train against the Swins, the same under
+# torch.compile, a training-step profile, detection size), then the CUDA tests ('triton' in fp32 and autocast).
 #
 #   bash benchmarks/cuda_device.sh [OFFICIAL_BIFORMER_CLONE] [OUTPUT_DIR]
 #

@@ -14,11 +14,15 @@ model rotating), bf16 autocast, random weights and inputs:
 - ``detection``: ``features_only`` training step (loss: the mean of every feature map) at 800x1216, batch 2: ms per
   step and peak memory as above.
 - ``layers``: one ``BiLevelRoutingAttention`` at each routed stage shape of BiFormer-S (batch 64, bf16 autocast,
-  forward + backward of the layer), each ``attn_impl``; ms per call, or the error.
+  forward + backward of the layer), each ``attn_impl`` (``'triton'``: the Triton kernels); ms per call, or the
+  error.
 - ``profile``: ``torch.profiler`` over one training step of ``biformer_small`` and of Swin-T (batch 64): the
   operators with the most device time (self time, ms per step, calls), to show where the step goes.
 - ``attn_impl``: ``biformer_small`` with each execution of its routed attention (``attn_impl``) and Swin-T, eval
   and train as above.
+- ``compile``: biformer_small, crossformer_small and Swin-T under ``torch.compile`` (inductor, default mode; what
+  timm's ``--torchcompile`` does), eval and train as above, in one round-robin per mode; the compile time is the
+  untimed first step (``first_step_s``). ``ratios_compiled`` in the JSON: each compiled model over compiled Swin-T.
 
 Models: ``biformer_small`` and ``crossformer_small`` against Swin-T, ``biformer_base`` against Swin-S, each zoo model
 with its default ``attn_impl='auto'``, and the official BiFormer-S (``--official-biformer``: a clone of
@@ -145,17 +149,20 @@ class Step:
 
 
 def measure(labels: Sequence[str], batch: int, size: Tuple[int, int], train: bool, s: Dict[str, Any],
-            device: torch.device, official: Optional[Path], features: bool = False,
+            device: torch.device, official: Optional[Path], features: bool = False, compiled: bool = False,
             **kwargs: Any) -> Dict[str, Dict[str, Any]]:
-    """Round-robin median ms, img/s and peak MiB of each label; a model that fails to build or run is reported."""
+    """Round-robin median ms, img/s and peak MiB of each label; a model that fails to build or run is reported.
+    ``compiled``: each model under ``torch.compile`` (compiled in its first, untimed step)."""
     results: Dict[str, Dict[str, Any]] = {}
     steps: Dict[str, Step] = {}
     for label in labels:
         try:
             model = build(label, size, official, **(dict(kwargs, features_only=True) if features else kwargs))
             steps[label] = Step(model, batch, size, train, device, features)
+            if compiled:
+                steps[label].model = torch.compile(steps[label].model)
             begin = time.perf_counter()
-            steps[label]()  # the first step compiles kernels (FlexAttention's) and is not timed
+            steps[label]()  # the first step compiles kernels (Triton's, torch.compile's) and is not timed
             if device.type == 'cuda':
                 torch.cuda.synchronize(device)
             results[label] = dict(first_step_s=time.perf_counter() - begin)
@@ -273,6 +280,10 @@ def run(device: torch.device, official: Optional[Path], quick: bool, groups: Seq
                                          train, s, device, None)
                            for mode, batch, train in (('eval', s['eval_batch'], False),
                                                       ('train', s['train_batch'], True))},
+        compile=lambda: {mode: measure(['biformer_small', 'crossformer_small', SWIN_T], batch, size, train, s, device,
+                                       None, compiled=True)
+                         for mode, batch, train in (('eval', s['eval_batch'], False),
+                                                    ('train', s['train_batch'], True))},
         detection=lambda: measure(['biformer_small', 'crossformer_small', SWIN_T], s['detection_batch'],
                                   s['detection_size'], True, s, device, None, features=True),
     )
@@ -289,6 +300,9 @@ def run(device: torch.device, official: Optional[Path], quick: bool, groups: Seq
         print(f'{group}: {time.perf_counter() - begin:.0f} s', flush=True)
         if 'eval' in report['groups'] and 'train' in report['groups']:
             report['ratios'] = ratios(report['groups']['eval'], report['groups']['train'])
+        if 'eval' in report['groups'].get('compile', {}):
+            report['ratios_compiled'] = ratios(report['groups']['compile']['eval'],
+                                               report['groups']['compile']['train'])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + '\n')  # after every group: a cut-off run keeps what it measured
     return report
@@ -298,28 +312,41 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return '–' if value is None else format(value, spec)
 
 
+def _ratio_table(title: str, eval_results: Dict[str, Any], train_results: Dict[str, Any], model_ratios: Dict[str, Any],
+                 notes: List[str]) -> TextTable:
+    """Eval and train throughput and peak train memory of each zoo model and its ratios to its Swin, then the Swins."""
+    rows = []
+    for model, r in model_ratios.items():
+        e, t = eval_results.get(model, {}), train_results.get(model, {})
+        rows.append([model, r['baseline'], _fmt(e.get('img_s'), '.0f'), _fmt(r.get('eval'), '.2f'),
+                     _fmt(t.get('img_s'), '.0f'), _fmt(r.get('train'), '.2f'), _fmt(t.get('peak_mib'), '.0f'),
+                     _fmt(r.get('memory'), '.2f')])
+    for swin in (SWIN_T, SWIN_S):
+        e, t = eval_results.get(swin, {}), train_results.get(swin, {})
+        if not e and not t:
+            continue  # not in this group
+        rows.append([swin, '', _fmt(e.get('img_s'), '.0f'), '1.00', _fmt(t.get('img_s'), '.0f'), '1.00',
+                     _fmt(t.get('peak_mib'), '.0f'), '1.00'])
+    return TextTable(title, ['model', 'compared with', 'eval img/s', 'eval ratio', 'train img/s', 'train ratio',
+                             'train peak MiB', 'memory ratio'], rows, label_columns=2, notes=notes)
+
+
 def tables(report: Dict[str, Any]) -> List[TextTable]:
     """The report's groups as tables (the rendering in docs/performance.md)."""
     s, groups = report['settings'], report['groups']
     out = []
     notes = [f'{report["device"]}, torch {report["torch"]}, commit {report["commit"]}; bf16 autocast, median of '
              f'{s["rounds"]} round-robin rounds after {s["warmup"]} warm-up steps. Command: `{report["command"]}`']
+    title = (f'Eval (batch {s["eval_batch"]}) and train (batch {s["train_batch"]}, AdamW) at {s["img_size"]}x'
+             f'{s["img_size"]} against the Swin of the same class')
     if 'ratios' in report:
-        rows = []
-        for model, r in report['ratios'].items():
-            e, t = groups['eval'].get(model, {}), groups['train'].get(model, {})
-            rows.append([model, r['baseline'], _fmt(e.get('img_s'), '.0f'), _fmt(r.get('eval'), '.2f'),
-                         _fmt(t.get('img_s'), '.0f'), _fmt(r.get('train'), '.2f'), _fmt(t.get('peak_mib'), '.0f'),
-                         _fmt(r.get('memory'), '.2f')])
-        for swin in (SWIN_T, SWIN_S):
-            e, t = groups['eval'].get(swin, {}), groups['train'].get(swin, {})
-            rows.append([swin, '', _fmt(e.get('img_s'), '.0f'), '1.00', _fmt(t.get('img_s'), '.0f'), '1.00',
-                         _fmt(t.get('peak_mib'), '.0f'), '1.00'])
-        out.append(TextTable(
-            f'Eval (batch {s["eval_batch"]}) and train (batch {s["train_batch"]}, AdamW) at {s["img_size"]}x'
-            f'{s["img_size"]} against the Swin of the same class',
-            ['model', 'compared with', 'eval img/s', 'eval ratio', 'train img/s', 'train ratio', 'train peak MiB',
-             'memory ratio'], rows, label_columns=2, notes=notes))
+        out.append(_ratio_table(title, groups['eval'], groups['train'], report['ratios'], notes))
+    if 'ratios_compiled' in report:
+        compiled = groups['compile']
+        out.append(_ratio_table(f'{title}, every model under torch.compile', compiled['eval'], compiled['train'],
+                                report['ratios_compiled'], ['compile time (first step, s): ' + ', '.join(
+                                    f'{label} {r["first_step_s"]:.0f}' for label, r in compiled['train'].items()
+                                    if 'first_step_s' in r)]))
     layers = groups.get('layers', {}).get('shapes', {})
     if layers:
         labels = list(dict.fromkeys(label for cells in layers.values() for label in cells))
@@ -359,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--official-biformer', type=Path, default=None, help='clone of rayleizhu/BiFormer')
-    parser.add_argument('--groups', default='layers,eval,train,profile,attn_impl,detection')
+    parser.add_argument('--groups', default='layers,attn_impl,eval,train,compile,profile,detection')
     parser.add_argument('--commit', default=None, help='the commit measured (default: git rev-parse of this tree)')
     parser.add_argument('--out', type=Path, default=HERE / 'results' / 'cuda.json')
     parser.add_argument('--deadline', type=float, default=float('inf'), help='start no group after this many s')
@@ -370,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(tables_to_markdown(tables(json.loads(args.render.read_text()))))
         return 0
     device = torch.device(args.device)
-    # FlexAttention compiles once per attention shape; this run meets more shapes than dynamo's default limit (8)
+    # torch.compile specialises on shapes; the compile group meets more graphs than dynamo's default limit (8)
     for option in ('recompile_limit', 'cache_size_limit'):
         if hasattr(torch._dynamo.config, option):
             setattr(torch._dynamo.config, option, 64)

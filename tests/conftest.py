@@ -34,3 +34,18 @@ def tiny_converted(tiny_checkpoint, tmp_path_factory):
         code = cli.main(['convert', '--model', TINY, '--checkpoint', str(tiny_checkpoint), '--out', str(out)])
     assert code == 0
     return out, stdout.getvalue()
+
+
+@pytest.fixture(scope='session')
+def yolo_config_dir(tmp_path_factory) -> Path:
+    """Ultralytics' environment for the whole session, set before any test imports it (it reads it once, at import):
+    offline, no auto-install, settings in a temporary folder. Its dataset check downloads Arial.ttf into that folder
+    when it is missing (even with plots=False and YOLO_OFFLINE=true): a local font there keeps it offline."""
+    import shutil
+    import matplotlib
+    config_dir = tmp_path_factory.mktemp('yolo_config')
+    (config_dir / 'Ultralytics').mkdir()
+    shutil.copy(Path(matplotlib.get_data_path()) / 'fonts' / 'ttf' / 'DejaVuSans.ttf',
+                config_dir / 'Ultralytics' / 'Arial.ttf')
+    os.environ.update(YOLO_OFFLINE='true', YOLO_AUTOINSTALL='False', YOLO_CONFIG_DIR=str(config_dir))
+    return config_dir

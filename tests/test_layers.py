@@ -7,7 +7,6 @@ from biformer_zoo.layers import AttentionBottleneck, C2fAttention
 from biformer_zoo.layers import AttentionLePE, BiLevelRoutingAttention, RecomputeGeluMlp, reference_math
 from biformer_zoo.layers import CrossScaleEmbed, CrossScaleMerge, LSDAttention
 from biformer_zoo.layers import bra
-from biformer_zoo.layers._routed_flex import padded_region_tokens, region_block_mask
 from biformer_zoo.layers.bra import count_routed, routed_attention_impl
 from biformer_zoo.layers.conv import DepthwiseConv2d, StridedConv2d
 
@@ -52,7 +51,7 @@ def reference_bra(layer: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tens
     return layer.proj(out)[:, :H, :W]
 
 
-@pytest.mark.parametrize('path', [*PATHS, 'flex'])  # flex: eager FlexAttention on the CPU (forward only there)
+@pytest.mark.parametrize('path', PATHS)
 @pytest.mark.parametrize('size', [(14, 14), (9, 13), (3, 5)])
 @pytest.mark.parametrize('topk', [1, 4])
 def test_bra_equals_reference(size, topk, path):
@@ -108,7 +107,7 @@ def test_bra_and_mlp_work_under_torch_func_grad(topk):
 
 def test_bra_auto_picks_dense_only_where_routing_keeps_many_regions():
     """'auto': masked dense when it scores at most 4x the routed pairs on a small map, gathered tokens elsewhere on
-    the CPU (flex on CUDA); count_routed runs the plain routed math (what FLOP counts describe) and restores."""
+    the CPU (triton on CUDA); count_routed runs the plain routed math (what FLOP counts describe) and restores."""
     for topk, size, expected in [(16, 14, 'dense'), (4, 28, 'gather'), (16, 35, 'gather'), (1, 7, 'gather')]:
         layer = BiLevelRoutingAttention(16, num_heads=2, num_regions=7, topk=topk)
         assert layer._choose_impl(torch.empty(1, size, size, 16)) == expected, (topk, size)
@@ -160,54 +159,8 @@ def test_bra_attn_impl_is_checked():
     with pytest.raises(ValueError, match='attn_impl must be one of'):
         BiLevelRoutingAttention(16, num_heads=2, attn_impl='fast')
     with pytest.raises(ValueError, match='attn_impl must be one of'):
-        with routed_attention_impl(BiLevelRoutingAttention(16, num_heads=2), 'triton'):
+        with routed_attention_impl(BiLevelRoutingAttention(16, num_heads=2), 'flash'):
             pass
-
-
-@pytest.mark.parametrize('side,num_regions,topk', [(8, 2, 2), (9, 3, 9), (6, 3, 1)])  # 16, 9 (padded) and 4 tokens
-def test_flex_block_mask_allows_exactly_the_routed_real_keys(side, num_regions, topk):
-    """The block mask over region-major, padded tokens is the routing mask (row-major) moved into that order."""
-    from torch.nn.attention.flex_attention import create_mask
-    torch.manual_seed(0)
-    regions, region_tokens = num_regions ** 2, (side // num_regions) ** 2
-    padded = padded_region_tokens(region_tokens)
-    routed = torch.stack([torch.randperm(regions)[:topk] for _ in range(2 * regions)]).view(2, regions, topk)
-    block_mask = region_block_mask(routed, region_tokens, padded)
-    dense = create_mask(block_mask.mask_mod, 2, 1, regions * padded, regions * padded, device='cpu')
-    # token -> its (region, position) in the padded region-major sequence
-    order = torch.arange(side * side).view(num_regions, side // num_regions, num_regions, side // num_regions)
-    order = order.permute(0, 2, 1, 3).reshape(regions, region_tokens)
-    sequence = (torch.arange(regions).view(-1, 1) * padded + torch.arange(region_tokens)).flatten()
-    row_major = bra.routing_mask(routed, num_regions, side, side)  # (B, 1, tokens, tokens)
-    expected = row_major[..., order.flatten(), :][..., order.flatten()]
-    assert torch.equal(dense[..., sequence, :][..., sequence], expected)
-    padding = torch.ones(regions * padded, dtype=torch.bool).index_fill_(0, sequence, False)
-    assert not dense[..., padding].any()  # padded keys are never attended (padded queries are dropped)
-    block_dense = block_mask.to_dense()  # (B, 1, query blocks, key blocks): one block per region
-    assert torch.equal(block_dense.bool(), torch.zeros_like(block_dense, dtype=torch.bool).scatter_(
-        3, routed.unsqueeze(1), True))
-
-
-def test_flex_layout_gradients_equal_reference(monkeypatch):
-    """Forward and backward of the flex path's layout and mask: FlexAttention has no CPU backward (torch 2.14, eager
-    or compiled), so its math twin (SDPA over the same region-major, padded tokens with the block mask's dense form)
-    stands in for torch's flex_attention and is differentiated."""
-    from torch.nn.attention.flex_attention import create_mask
-    from biformer_zoo.layers import _routed_flex
-    torch.manual_seed(0)
-    layer = bra_on_path('reference', 16, num_heads=2, num_regions=3, topk=2, channels_last=True).double()
-    x = torch.randn(2, 9, 7, 16, dtype=torch.float64, requires_grad=True)  # padded to 9x9: 9 tokens per region
-
-    def twin(q, k, v, *, block_mask, scale):
-        mask = create_mask(block_mask.mask_mod, q.shape[0], 1, q.shape[2], k.shape[2], device='cpu')
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-    inputs = (x, *layer.parameters())
-    g_ref = torch.autograd.grad(layer(x).square().sum(), inputs)
-    layer.attn_impl = 'flex'
-    monkeypatch.setattr(_routed_flex, 'flex_attention', twin)
-    g_flex = torch.autograd.grad(layer(x).square().sum(), inputs)
-    torch.testing.assert_close(g_flex, g_ref)
 
 
 def test_routing_mask_additive_form_matches_boolean():

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -51,14 +49,9 @@ def scaled(name: str, scale: str) -> str:
 
 
 @pytest.fixture(scope='module')
-def yolo(tmp_path_factory):
+def yolo(yolo_config_dir):
     """Ultralytics, offline, configured in a temporary folder; the integration registered. Network use is recorded."""
-    config_dir = tmp_path_factory.mktemp('yolo_config')
-    # Ultralytics' dataset check looks for Arial.ttf in its config folder and downloads it when missing (even with
-    # plots=False and YOLO_OFFLINE=true): a local font there keeps it offline
-    (config_dir / 'Ultralytics').mkdir()
-    shutil.copy(Path(matplotlib.get_data_path()) / 'fonts' / 'ttf' / 'DejaVuSans.ttf', config_dir / 'Ultralytics' /
-                'Arial.ttf')
+    config_dir = yolo_config_dir
     attempts = []
 
     def refuse(*args, **kwargs):
@@ -66,9 +59,6 @@ def yolo(tmp_path_factory):
         raise OSError('network access in an offline test')
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('YOLO_OFFLINE', 'true')  # the spelling every 8.4 release reads
-        mp.setenv('YOLO_AUTOINSTALL', 'False')
-        mp.setenv('YOLO_CONFIG_DIR', str(config_dir))
         for name in ('connect', 'connect_ex'):
             mp.setattr(socket.socket, name, refuse)
         mp.setattr(socket, 'create_connection', refuse)

@@ -73,12 +73,10 @@ def layer_inputs(model: nn.Module, images: torch.Tensor):
 
 
 def runs_here(impl: str) -> bool:
-    if impl == 'flex':
-        return False  # a CUDA path: on CPU it runs unfused, about 40 s here
     try:
         with torch.no_grad():
             bra_layer(attn_impl=impl)(torch.randn(1, 32, 8, 8))
-    except (RuntimeError, NotImplementedError) as e:
+    except (ValueError, RuntimeError, NotImplementedError) as e:
         if any(word in str(e).lower() for word in ('cuda', 'not available', 'not support', 'cpu')):
             return False
         raise
@@ -147,9 +145,7 @@ def test_records_a_layer_alone_a_sequential_and_a_c2f_block():
     }
 
 
-def test_records_and_maps_a_yolo_with_c2fbra(tmp_path, monkeypatch):
-    monkeypatch.setenv('YOLO_OFFLINE', 'true')
-    monkeypatch.setenv('YOLO_CONFIG_DIR', str(tmp_path))  # Ultralytics writes its settings file there
+def test_records_and_maps_a_yolo_with_c2fbra(yolo_config_dir):
     pytest.importorskip('ultralytics')
     from ultralytics.nn.tasks import DetectionModel
     from biformer_zoo.integrations.ultralytics import model_cfg

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['gather_heads', 'gather_qkv', 'RoutedAttention']
+__all__ = ['gather_heads', 'gather_qkv', 'GatheredAttentionFunction']
 
 
 # the CPU flash-attention kernels, called directly so that forward can keep the log-sum-exp for backward
@@ -53,22 +53,25 @@ def _attention_backward(
     return attention_vjp(grad_out)
 
 
-class RoutedAttention(torch.autograd.Function):
+class GatheredAttentionFunction(torch.autograd.Function):
     """``bra.routed_attention`` that saves only the projected tokens (and on CPU the output) for backward.
 
     Autograd would keep the routed keys/values, ``topk`` copies of every token (16 in BiFormer's third stage).
     Here backward gathers them again (with ``topk=1`` only the values: the gathered queries and keys are kept), runs
     the attention backward and sums the gradients of repeated keys/values back into their tokens (``index_add_``).
-    On CPU, forward and backward call the flash-attention kernels directly, so backward reuses the forward's output
-    and log-sum-exp instead of recomputing the probabilities.
+    On CPU (where qk_dim == dim), forward and backward call the flash-attention kernels directly, so backward reuses
+    the forward's output and log-sum-exp instead of recomputing the probabilities.
 
     ``forward`` returns the attention output followed by the intermediates backward needs (non-differentiable), and
     ``setup_context`` saves them: the form ``torch.func`` transforms require. Callers use ``apply(...)[0]``.
     """
 
     @staticmethod
-    def _uses_flash(q: torch.Tensor) -> bool:
-        return q.device.type == 'cpu' and _flash_backward is not None and _flash_forward is not None
+    def _uses_flash(q: torch.Tensor, v: torch.Tensor) -> bool:
+        # the CPU flash backward needs one head size for queries/keys and values (qk_dim == dim); otherwise the
+        # SDPA backward through torch.func, which takes any
+        return (q.device.type == 'cpu' and q.shape[-1] == v.shape[-1] and _flash_backward is not None
+                and _flash_forward is not None)
 
     @staticmethod
     def _keeps_gathered(q_index: torch.Tensor, kv_index: torch.Tensor) -> bool:
@@ -79,11 +82,11 @@ class RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor,
                 heads: int, scale: float) -> Tuple[torch.Tensor, ...]:
-        if not RoutedAttention._uses_flash(q):
+        if not GatheredAttentionFunction._uses_flash(q, v):
             return (F.scaled_dot_product_attention(*gather_qkv(q, k, v, q_index, kv_index, heads), scale=scale),)
         q_routed, k_routed, v_routed = gather_qkv(q, k, v, q_index, kv_index, heads)
         out, lse = _flash_forward(q_routed, k_routed, v_routed, scale=scale)
-        if RoutedAttention._keeps_gathered(q_index, kv_index):
+        if GatheredAttentionFunction._keeps_gathered(q_index, kv_index):
             return out, lse, q_routed, k_routed
         return out, lse
 

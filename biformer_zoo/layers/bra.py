@@ -8,24 +8,26 @@ attends to all tokens of those routed regions (fine level). A depthwise conv on 
 before the output projection.
 
 The official code builds the routed keys/values with ``expand`` + ``gather``; its backward scatters into a
-tensor ``num_regions**2`` times the key/value size. Here ``index_select`` picks the rows of the routed tokens,
-attention runs through ``F.scaled_dot_product_attention``, and in training a custom autograd Function keeps only
-the projected tokens for backward (it gathers again, runs the CPU flash-attention backward, and sums the gradients
-with ``index_add_``) instead of ``topk`` copies of the routed keys/values.
+tensor ``num_regions**2`` times the key/value size. Here the plain math (``routed_attention``) gathers the rows of
+the routed tokens with ``index_select`` and runs ``F.scaled_dot_product_attention``; the other executions compute the
+same attention faster:
 
-Where the routing keeps a large share of the regions (BiFormer's third stage routes 16 of 49), gathering costs
-more than it saves: there every token attends to the whole map through one ``scaled_dot_product_attention`` call
-with an additive mask (0 or -inf) that allows exactly the routed regions. The result is the same attention (masked
-scores get zero weight); only the wasted multiplications differ, so FLOP counts use the routed path
-(``count_routed``).
+- ``'gather'``: the same forward, and in training a custom autograd Function (``_routed_gather``) that keeps only
+  the projected tokens for backward (it gathers again, runs the attention backward, and sums the gradients with
+  ``index_add_``) instead of ``topk`` copies of the routed keys/values.
+- ``'dense'``: where the routing keeps a large share of the regions (BiFormer's third stage routes 16 of 49),
+  gathering costs more than it saves: every token attends to the whole map through one
+  ``scaled_dot_product_attention`` call with an additive mask (0 or -inf) that allows exactly the routed regions.
+  Masked scores get zero weight, so only the wasted multiplications differ; FLOP counts use the routed path
+  (``count_routed``).
+- ``'triton'``: Triton kernels (``_routed_triton``) that read the routed regions' keys/values in place through the
+  routing indices, forward and backward, with no gathered copies and no mask (CUDA; CPU tensors only under
+  Triton's interpreter, for tests).
 
-On CUDA the fine level can also run through FlexAttention (``_routed_flex``, ``attn_impl='flex'``): the tokens in
-region-major order and a block mask built from the routing indices, so no routed keys/values are gathered in forward
-or scattered in backward.
-
-Which execution runs is chosen per call (``attn_impl='auto'``) and never changes the result beyond rounding; the
-``attn_impl`` argument and the ``routed_attention_impl`` context manager select one, ``'reference'`` being the plain
-math of ``routed_attention`` under ordinary autograd (which ``layers.reference_math()`` also selects).
+Every execution returns the attention as a (B, Hp, Wp, dim) map. Which one runs is chosen per call
+(``attn_impl='auto'``) and never changes the result beyond rounding; the ``attn_impl`` argument and the
+``routed_attention_impl`` context manager select one, ``'reference'`` being the plain math under ordinary autograd
+(which ``layers.reference_math()`` also selects).
 
 Maps whose sides are not multiples of ``num_regions`` are zero-padded at the bottom/right before the
 projections and cropped afterwards, exactly like the official ``auto_pad=True`` path.
@@ -38,10 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from ._routed_flex import flex_routed_attention
-from ._routed_gather import RoutedAttention, gather_qkv
+from . import _routed_triton
+from ._routed_gather import GatheredAttentionFunction, gather_qkv
 from .conv import DepthwiseConv2d
 from .helpers import check_feature_map, check_int_arg
+from .padding import pad_to_multiple
 from .reference import use_reference_math
 
 __all__ = [
@@ -49,7 +52,9 @@ __all__ = [
     'routing_mask', 'routed_attention_impl', 'count_routed']
 
 # executions of the fine level: chosen per call, or the plain math, or one of the fast paths
-ATTN_IMPLS = ('auto', 'reference', 'gather', 'dense', 'flex')
+ATTN_IMPLS = ('auto', 'reference', 'gather', 'dense', 'triton')
+# whether 'triton' can run at all (a module-level bool, a constant to TorchScript)
+_TRITON_INSTALLED = _routed_triton.AVAILABLE
 
 
 def route_regions(query: torch.Tensor, key: torch.Tensor, topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -167,10 +172,12 @@ class BiLevelRoutingAttention(nn.Module):
         attn_impl: How the fine level runs; the result is the same up to rounding. ``'reference'``: the plain math
             (``routed_attention``: gathered routed tokens, SDPA, ordinary autograd). ``'gather'``: the same
             forward with a custom backward that keeps only the projected tokens. ``'dense'``: every token over the
-            whole map, masked to its routed regions. ``'flex'``: FlexAttention over region-major tokens with a
-            block mask from the routing (CUDA; saves the gathered copies, not time, see ``_routed_flex``).
-            ``'auto'`` (default): ``'dense'`` where it wastes little, else ``'gather'``; ``'reference'`` when
-            scripting or tracing.
+            whole map, masked to its routed regions. ``'triton'``: Triton kernels that read the routed keys/values
+            in place, forward and backward (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; a
+            ``ValueError`` elsewhere, or at construction where Triton is not installed). ``'auto'`` (default):
+            ``'triton'`` on CUDA where Triton is installed (no GPU measurement of it yet: docs/performance.md);
+            elsewhere ``'dense'`` where it wastes little, else ``'gather'``; ``'reference'`` when scripting or
+            tracing.
 
     Attributes ``dense_max_ratio`` and ``dense_max_tokens`` tune ``'auto'``: the masked dense path runs when it
     computes at most ``dense_max_ratio`` times the routed attention scores (``num_regions**2 <= dense_max_ratio *
@@ -221,7 +228,7 @@ class BiLevelRoutingAttention(nn.Module):
     @torch.jit.unused
     def _routed_attention_autograd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
                                    kv_index: torch.Tensor) -> torch.Tensor:
-        return RoutedAttention.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)[0]
+        return GatheredAttentionFunction.apply(q, k, v, q_index, kv_index, self.num_heads, self.scale)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature_map(x, self.dim, self.qkv.weight.dtype, self.channels_last, 'BiLevelRoutingAttention', 'dim')
@@ -229,10 +236,8 @@ class BiLevelRoutingAttention(nn.Module):
             x = x.permute(0, 2, 3, 1)
         B, H, W, _ = x.shape
         n = self.num_regions
-        pad_b, pad_r = (n - H % n) % n, (n - W % n) % n
-        if pad_b > 0 or pad_r > 0:  # zero-pad before the projections, as the official auto_pad does
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
+        x = pad_to_multiple(x, n, n, channels_last=True)  # before the projections, as the official auto_pad does
+        Hp, Wp = x.shape[1], x.shape[2]
         rh, rw = Hp // n, Wp // n
 
         # one projection, computed as three so that q, k and v each come out contiguous
@@ -248,35 +253,30 @@ class BiLevelRoutingAttention(nn.Module):
         k_regions = k.detach().view(B, n, rh, n, rw, self.qk_dim).mean((2, 4)).flatten(1, 2)  # (B, regions, qk_dim)
         _, routed = self.router(q_regions, k_regions)  # (B, regions, topk)
 
-        out = self.fine_attention(q, k, v, routed)
-        if self.lepe is not None:
-            # the LePE map (contiguous, row-major) goes first: the sum comes out row-major like it, so adding also
-            # puts the gathered path's region-major output back in order, without a copy of its own
-            out = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).view(out.shape) + out
-        out = self.proj(out.reshape(B, Hp, Wp, self.dim))
-        if pad_b > 0 or pad_r > 0:
+        lepe = None if self.lepe is None else self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, Hp, Wp, dim)
+        out = self.proj(self.fine_attention(q, k, v, routed, lepe))
+        if Hp > H or Wp > W:
             out = out[:, :H, :W].contiguous()
         if not self.channels_last:
             out = out.permute(0, 3, 1, 2)
         return out
 
-    def fine_attention(
-            self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, as ``attn_impl`` says.
-
-        Returns (B, Hp, Wp, dim) from the masked dense path, or a view whose memory is in region order from the
-        others ((B, n, rh, n, rw, dim) from the gathered paths, (B, n, rh, n, rw, heads, dim / heads) from flex).
-        """
+    def fine_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor,
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, as ``attn_impl`` says, plus
+        ``residual`` (B, Hp, Wp, dim) if given (the LePE map); (B, Hp, Wp, dim) from every execution."""
         if torch.jit.is_scripting():
             impl = self._choose_impl(v)
         else:
             impl = self._resolve_impl(v)
         if impl == 'dense':
             Hp, Wp = v.shape[1], v.shape[2]
-            return self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
-        if impl == 'flex':
-            return self._flex_attention(q, k, v, routed)
-        return self._gathered_attention(q, k, v, routed, custom_backward=impl == 'gather')
+            out = self._masked_dense_attention(q, k, v, routing_mask(routed, self.num_regions, Hp, Wp, q.dtype))
+        elif impl == 'triton':
+            out = self._triton_attention(q, k, v, routed)
+        else:  # the gathered paths add the residual while putting their region-order output in row-major order
+            return self._gathered_attention(q, k, v, routed, residual, custom_backward=impl == 'gather')
+        return out if residual is None else out + residual
 
     @torch.jit.unused
     def _resolve_impl(self, v: torch.Tensor) -> str:
@@ -284,18 +284,28 @@ class BiLevelRoutingAttention(nn.Module):
         ``reference_math()``."""
         if use_reference_math():
             return 'reference'
-        return self._choose_impl(v) if self.attn_impl == 'auto' else self.attn_impl
+        if self.attn_impl == 'auto':
+            return self._choose_impl(v)
+        if self.attn_impl == 'triton' and not _routed_triton.runs_on(v.device):
+            raise ValueError(
+                f"attn_impl='triton' runs Triton kernels on CUDA tensors, got tensors on {v.device}; move the layer "
+                f"and its input to a CUDA device, use attn_impl='auto' (it picks the fastest execution for the "
+                f"device), or set TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's "
+                f"interpreter (slow: for tests)")
+        return self.attn_impl
 
     @torch.jit.unused
-    def _flex_attention(
+    def _triton_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        return flex_routed_attention(q, k, v, routed, self.num_regions, self.num_heads, self.scale,
-                                     compiled=v.device.type == 'cuda')
+        return _routed_triton.TritonRoutedAttentionFunction.apply(q, k, v, routed, self.num_regions, self.num_heads,
+                                                          self.scale)[0]
 
     def _choose_impl(self, v: torch.Tensor) -> str:
         """What ``'auto'`` runs for projected values ``v`` (B, Hp, Wp, dim)."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return 'reference'  # what TorchScript, ONNX export and FLOP counters can follow
+        if v.is_cuda and _TRITON_INSTALLED:
+            return 'triton'
         n = self.num_regions
         if n * n <= self.dense_max_ratio * self.topk and v.shape[1] * v.shape[2] <= self.dense_max_tokens:
             return 'dense'
@@ -313,11 +323,12 @@ class BiLevelRoutingAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, Hp, Wp, self.dim)
 
     def _gathered_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor,
-                            custom_backward: bool = True) -> torch.Tensor:
-        """Every region's queries over the gathered tokens of its routed regions.
+                            residual: Optional[torch.Tensor] = None, custom_backward: bool = True) -> torch.Tensor:
+        """Every region's queries over the gathered tokens of its routed regions, plus ``residual`` if given;
+        (B, Hp, Wp, *) -> (B, Hp, Wp, dim).
 
-        (B, Hp, Wp, *) -> (B, n, rh, n, rw, dim), a view whose memory is in region order. ``custom_backward``:
-        when gradients are needed, the autograd Function that keeps only the projected tokens for backward.
+        ``custom_backward``: when gradients are needed, the autograd Function that keeps only the projected tokens
+        for backward.
         """
         B, Hp, Wp, _ = v.shape
         n = self.num_regions
@@ -336,13 +347,23 @@ class BiLevelRoutingAttention(nn.Module):
             out = routed_attention(q, k, v, q_index, kv_index, self.num_heads, self.scale)
         else:
             out = self._routed_attention_autograd(q, k, v, q_index, kv_index)
-        # (B * regions, heads, tokens, d) -> (B, n, rh, n, rw, dim)
-        return out.transpose(1, 2).reshape(B, n, n, rh, rw, self.dim).transpose(2, 3)
+        # (B * regions, heads, tokens, d) in region order -> (B, n, rh, n, rw, heads, d), still in region order
+        heads = self.num_heads
+        out = out.view(B, n, n, heads, rh, rw, self.dim // heads).permute(0, 1, 4, 2, 5, 3, 6)
+        if residual is not None:
+            # the row-major residual first: the sum takes its layout, so adding is also the reordering pass
+            out = residual.view(out.shape) + out
+        return out.reshape(B, Hp, Wp, self.dim)  # free after the sum (row-major already), else one copy
 
 
 def _check_impl(attn_impl: str) -> None:
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}')
+    if attn_impl == 'triton' and not _TRITON_INSTALLED:
+        raise ValueError(
+            f"attn_impl='triton' needs the triton package, which does not import here "
+            f"({_routed_triton.IMPORT_ERROR}); install it (pip install triton, Linux with a CUDA GPU) or use "
+            f"attn_impl='auto'")
 
 
 def _check_attention_args(dim: int, num_heads: int, side_dwconv: int, qk_dim: Optional[int] = None) -> None:
