@@ -168,7 +168,7 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
 def zoo_model(name: str, official: nn.Module, filter_fn: Callable, dtype: torch.dtype) -> nn.Module:
     """Our ``name`` with the official model's weights, loaded through ``filter_fn``; both cast to ``dtype``."""
     model = timm.create_model(name)
-    model.load_state_dict(filter_fn({'model': official.state_dict()}, model))
+    model.load_state_dict(filter_fn(official.state_dict(), model))
     official.to(dtype)
     return model.to(dtype).eval()
 

@@ -68,7 +68,7 @@ def test_cuda_paths_under_autocast_close_to_fp32(attn_impl, dtype):
 
 def test_auto_runs_triton_on_cuda():
     layer = BiLevelRoutingAttention(64, 2, 7, 1).cuda()
-    assert layer._choose_impl(torch.empty(1, 56, 56, 64, device='cuda')) == 'triton'
+    assert layer.auto_impl(torch.empty(1, 56, 56, 64, device='cuda')) == 'triton'
 
 
 def test_triton_backward_is_deterministic_without_the_flag():

@@ -272,11 +272,10 @@ def test_two_eval_runs_bitwise_equal(reduced_models, name):
     assert torch.equal(first, second) and torch.equal(first, uncached)
 
 
-@pytest.mark.parametrize('name', ['biformer_tiny', 'crossformerpp_small'])
+@pytest.mark.parametrize('name', ['biformer_tiny', 'crossformer_tiny', 'crossformerpp_small'])
 def test_four_threads_equal_serial_calls(reduced_models, name):
     """One eval model serving 4 threads at once gives the serial results. For CrossFormer the position-bias caches
-    are emptied after the serial pass, so the threads fill them concurrently (different sizes, different entries);
-    crossformer_tiny is covered in test_crossformer."""
+    are emptied after the serial pass, so the threads fill them concurrently (different sizes, different entries)."""
     model = copy.deepcopy(reduced_models[name])
     inputs = [torch.randn(1, 3, h, w) for h, w in [(64, 64), (96, 64), (40, 72), (64, 96)]] * 2
     with torch.no_grad():

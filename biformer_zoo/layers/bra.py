@@ -266,7 +266,7 @@ class BiLevelRoutingAttention(nn.Module):
         """Token attention of projected (B, Hp, Wp, *) maps within the routed regions, as ``attn_impl`` says, plus
         ``residual`` (B, Hp, Wp, dim) if given (the LePE map); (B, Hp, Wp, dim) from every execution."""
         if torch.jit.is_scripting():
-            impl = self._choose_impl(v)
+            impl = self.auto_impl(v)
         else:
             impl = self._resolve_impl(v)
         if impl == 'dense':
@@ -285,7 +285,7 @@ class BiLevelRoutingAttention(nn.Module):
         if use_reference_math():
             return 'reference'
         if self.attn_impl == 'auto':
-            return self._choose_impl(v)
+            return self.auto_impl(v)
         if self.attn_impl == 'triton' and not _routed_triton.runs_on(v.device):
             raise ValueError(
                 f"attn_impl='triton' runs Triton kernels on CUDA tensors, got tensors on {v.device}; move the layer "
@@ -297,11 +297,12 @@ class BiLevelRoutingAttention(nn.Module):
     @torch.jit.unused
     def _triton_attention(
             self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-        return _routed_triton.TritonRoutedAttentionFunction.apply(q, k, v, routed, self.num_regions, self.num_heads,
-                                                          self.scale)[0]
+        return _routed_triton.TritonRoutedAttentionFunction.apply(
+            q, k, v, routed, self.num_regions, self.num_heads, self.scale)[0]
 
-    def _choose_impl(self, v: torch.Tensor) -> str:
-        """What ``'auto'`` runs for projected values ``v`` (B, Hp, Wp, dim)."""
+    def auto_impl(self, v: torch.Tensor) -> str:
+        """What ``'auto'`` runs for projected values ``v`` (B, Hp, Wp, dim): ``'triton'`` on CUDA with Triton installed,
+        else ``'dense'`` where it wastes little (``dense_max_ratio``, ``dense_max_tokens``), else ``'gather'``."""
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return 'reference'  # what TorchScript, ONNX export and FLOP counters can follow
         if v.is_cuda and _TRITON_INSTALLED:

@@ -21,7 +21,7 @@ from biformer_zoo.tools.report import PAPER_NUMBERS, profile, profiles_to_csv
 
 torch.set_num_threads(2)
 
-REFERENCE_FILE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'official_numbers.json'
+REFERENCE_FILE = Path(__file__).resolve().parents[3] / 'shared' / 'reference' / 'official_numbers.json'
 
 
 class TinyAttention(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from biformer_zoo.layers import BiLevelRoutingAttention
 from biformer_zoo.layers.bra import ATTN_IMPLS, routed_attention_impl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # executions that run on CPU tensors without Triton's interpreter ('auto' resolves to one of them)
 CPU_IMPLS = [impl for impl in ATTN_IMPLS if impl not in ('reference', 'triton')]
 
@@ -128,7 +128,7 @@ def triton_differences() -> Dict[str, Dict[str, float]]:
     ref = outputs_and_gradients(layer, x, 'reference')
     results['fp16_relative_error'] = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(fast, ref))
     # what 'auto' picks on CPU tensors although the interpreter could run the kernels there
-    results['auto_on_cpu'] = [BiLevelRoutingAttention(16, num_heads=2, num_regions=7, topk=topk)._choose_impl(
+    results['auto_on_cpu'] = [BiLevelRoutingAttention(16, num_heads=2, num_regions=7, topk=topk).auto_impl(
         torch.empty(1, side, side, 16)) for topk, side in ((16, 14), (4, 28))]
     return results
 

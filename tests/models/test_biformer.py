@@ -1,10 +1,8 @@
-"""BiFormer family: official layouts, the timm model contract, input sizes and bad input."""
-
+"""``models.biformer``: official layouts, the timm model contract, input sizes (bad input: test_bad_input.py)."""
 import pytest
 import timm
 import torch
 
-import biformer_zoo  # noqa: F401
 from biformer_zoo.models.biformer import checkpoint_filter_fn
 from official_layouts import save_official_checkpoint
 
@@ -119,29 +117,3 @@ def test_n_win_and_topk_at_create_time():
         feats = model.forward_intermediates(torch.randn(1, 3, 128, 96), intermediates_only=True)
     attn = model.stages[0].blocks[0].attn
     assert (attn.num_regions, attn.topk, [f.shape[1] for f in feats]) == (16, 4, [64, 128, 256, 512])
-
-
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(n_win=2), 'topk'),            # stage 3 topk=16 > 2*2 regions
-    (dict(n_win=0), 'n_win'),
-    (dict(topks=(1, 4, 64, None)), 'topk'),
-])
-def test_bad_kwargs_raise_value_error(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        timm.create_model('biformer_tiny', **kwargs)
-
-
-@pytest.mark.parametrize('shape,match', [
-    ((1, 1, 64, 64), 'expected 3 input channels, got 1'),
-    ((1, 3, 8, 8), 'at least 32'),
-    ((3, 64, 64), '4D'),
-])
-def test_bad_input_raises_value_error(shape, match):
-    model = _tiny()
-    with pytest.raises(ValueError, match=match):
-        model(torch.randn(*shape))
-
-
-def test_integer_input_raises_value_error():
-    with pytest.raises(ValueError, match='floating point'):
-        _tiny()(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
