@@ -295,6 +295,39 @@ def checkpoint_path_of(name: str) -> Callable[[Path], Any]:
     return lambda path: biformer_zoo.create_model(name, checkpoint_path=str(path), **REDUCED)
 
 
+def with_nan(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The state dict with one NaN in its first floating-point tensor."""
+    key = next(k for k, v in state_dict.items() if v.is_floating_point())
+    value = state_dict[key].clone()
+    value.view(-1)[0] = float('nan')
+    return dict(state_dict, **{key: value})
+
+
+def torch_save_of(name: str, edit: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]],
+                  scramble: bool = False, fill_middle: bool = False):
+    """Writes a training checkpoint {'model': edited state dict}; ``scramble`` overwrites bytes near the start of the
+    file (the pickled record list of a torch.save zip), ``fill_middle`` 64 bytes in the middle (tensor data) with
+    0xff (a NaN as float32); torch's zip reader checks no CRC, so only the values tell."""
+    def write(path: Path) -> None:
+        torch.save({'model': edit(dict(reduced_state_dict(name)))}, path)
+        data = bytearray(path.read_bytes())
+        if scramble:
+            data[40:200] = bytes(range(160))
+        if fill_middle:
+            middle = len(data) // 2 // 64 * 64
+            data[middle:middle + 64] = b'\xff' * 64
+        path.write_bytes(bytes(data))
+    return write
+
+
+def overlapping_safetensors(path: Path) -> None:
+    """A safetensors file whose two tensors claim the same bytes (a header written by hand)."""
+    header = json.dumps({'a': dict(dtype='F32', shape=[4], data_offsets=[0, 16]),
+                         'b': dict(dtype='F32', shape=[4], data_offsets=[0, 16])}).encode()
+    header += b' ' * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, 'little') + header + bytes(16))
+
+
 def without(prefix: str):
     return lambda sd: {k: v for k, v in sd.items() if not k.startswith(prefix)}
 
@@ -330,6 +363,37 @@ WEIGHTS = per_model(['biformer_tiny', 'crossformer_tiny'], [
     ('extra-tensor', lambda n: with_file('w.safetensors', safetensors_of(n, lambda sd: dict(sd, extra=torch.ones(1))),
                                          pretrained_from(n, features_only=True)),
      PretrainedWeightsError, r"do not fit the model; tensors unexpected 1 \(extra\)"),
+    ('nan-file', lambda n: with_file('w.safetensors', safetensors_of(n, with_nan), pretrained_from(n)),
+     PretrainedWeightsError, r'the pretrained weights .*w\.safetensors do not fit the model; tensors with NaN or '
+                             r'infinite values 1 \(stem\.'),
+    ('nan-pth', lambda n: with_file('w.pth', torch_save_of(n, with_nan), pretrained_from(n)),
+     PretrainedWeightsError, r'tensors with NaN or infinite values 1'),
+    ('nan-checkpoint_path', lambda n: with_file('w.pth', torch_save_of(n, with_nan), checkpoint_path_of(n)),
+     PretrainedWeightsError, r'the weights of checkpoint .*w\.pth do not fit the model; tensors with NaN'),
+    ('missing-checkpoint_path', lambda n: with_file('w.pth', torch_save_of(n, without('stages.3.')),
+                                                    checkpoint_path_of(n)),
+     PretrainedWeightsError, r'the weights of checkpoint .* do not fit the model; tensors missing \d+ \(stages\.3\.'),
+    ('classes-checkpoint_path', lambda n: with_file('w.pth', torch_save_of(n, lambda sd: sd),
+                                                    lambda path: biformer_zoo.create_model(
+                                                        n, checkpoint_path=str(path), num_classes=10, **REDUCED)),
+     PretrainedWeightsError, r'tensors of another shape or kind 2 \(head\.fc\.weight is \(1000, \d+\), the model '
+                             r'holds \(10, \d+\)'),
+    ('int64-checkpoint_path', lambda n: with_file('w.pth', torch_save_of(n, lambda sd: dict(
+        sd, **{k: sd[k].long() for k in list(sd)[:1]})), checkpoint_path_of(n)),
+     PretrainedWeightsError, r'tensors of another shape or kind 1 \(stem\.\S+ is torch\.int64'),
+    ('official-load_state_dict', lambda n: lambda: timm.create_model(n, **REDUCED).load_state_dict(
+        {('downsample_layers.0.0.weight' if n.startswith('biformer') else 'patch_embed.projs.0.weight'): torch.ones(1)}),
+     PretrainedWeightsError, r"official checkpoint's layout: load the file with biformer_zoo\.create_model"),
+    ('overlapping-offsets', lambda n: with_file('w.safetensors', overlapping_safetensors, pretrained_from(n)),
+     PretrainedWeightsError, r"corrupt or truncated: .*tensor 'b' starts at byte 0 of the data, not at 16: the "
+                             r'tensors overlap'),
+    ('random-bytes-pth', lambda n: with_file('w.pth', torch_save_of(n, lambda sd: sd, scramble=True),
+                                             pretrained_from(n)),
+     PretrainedWeightsError, r'cannot read the pretrained weights: .*w\.pth is a pickle that torch\.load\(weights_only=True\) '
+                             r'cannot read'),
+    ('ff-bytes-in-tensor-data', lambda n: with_file('w.pth', torch_save_of(n, lambda sd: sd, fill_middle=True),
+                                                    pretrained_from(n)),
+     PretrainedWeightsError, r'tensors with NaN or infinite values 1'),
 ]) + [
     Case('legacy-pickle-with-code', with_file('w.pth', save_pickle_with_code, pretrained_from('biformer_tiny')),
          PretrainedWeightsError, r'needs code to unpickle \(official_layouts\.leave_marker\); .* refuses this file'),
