@@ -72,7 +72,8 @@ def load_checkpoint(model: nn.Module, checkpoint_path: PathLike, use_ema: bool =
         raise PretrainedWeightsError(f'{model_tag}: cannot load checkpoint_path: {e}') from None
     state_dict = checkpoint_filter_for(backbone)(state_dict, backbone)
     if backbone is not model:  # features_only: the wrapper pruned the model's norm/head/later stages
-        state_dict = {k: v for k, v in state_dict.items() if k in backbone.state_dict()}
+        kept = backbone.state_dict().keys()
+        state_dict = {k: v for k, v in state_dict.items() if k in kept}
     check_state_dict(
         state_dict, backbone, f'the weights of checkpoint {checkpoint_path}',
         fix='Create the model with the arguments the checkpoint was trained with (num_classes, in_chans, depths, '
