@@ -530,7 +530,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 from unittest import mock  # noqa: E402
 
-from biformer_zoo.tools import convert  # noqa: E402
+from biformer_zoo.tools import push  # noqa: E402
 
 
 def converted_folder(edit_record: Callable[[Dict[str, Any]], None] = lambda record: None) -> Callable[[Path], None]:
@@ -538,21 +538,21 @@ def converted_folder(edit_record: Callable[[Dict[str, Any]], None] = lambda reco
     def write(folder: Path) -> None:
         folder.mkdir()
         files = {}
-        for name in convert.CONVERTED_FILES:
+        for name in push.CONVERTED_FILES:
             data = name.encode()
             (folder / name).write_bytes(data)
             files[name] = dict(size=len(data), sha256=hashlib.sha256(data).hexdigest())
         record = dict(model='biformer_tiny.in1k', files=files)
         edit_record(record)
-        (folder / convert.RECORD_FILE).write_text(json.dumps(record))
+        (folder / push.RECORD_FILE).write_text(json.dumps(record))
     return write
 
 
-def push(folder: Path, endpoint: str = 'http://127.0.0.1:9') -> Any:
+def push_towards(folder: Path, endpoint: str = 'http://127.0.0.1:9') -> Any:
     """``push_to_hub`` towards ``endpoint`` (nothing listens on the discard port)."""
     from huggingface_hub import constants
     with mock.patch.object(constants, 'ENDPOINT', endpoint):
-        return convert.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
+        return push.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
 
 
 def drop_record(record: Dict[str, Any]) -> None:
@@ -561,12 +561,12 @@ def drop_record(record: Dict[str, Any]) -> None:
 
 PUSH = [
     Case('push-changed-file', with_file('out', converted_folder(
-        lambda record: record['files']['README.md'].update(size=1)), push), ValueError,
+        lambda record: record['files']['README.md'].update(size=1)), push_towards), ValueError,
          r'holds files that are not what convert wrote: README\.md \(9 bytes, .* recorded 1 bytes.*\)\. Nothing was '
          r'uploaded'),
-    Case('push-no-record', with_file('out', converted_folder(drop_record), push), ValueError,
+    Case('push-no-record', with_file('out', converted_folder(drop_record), push_towards), ValueError,
          r"has no readable conversion\.json \('files'\), the record of what `biformer-zoo convert` wrote"),
-    Case('push-unreachable', with_file('out', converted_folder(), push), PretrainedWeightsError,
+    Case('push-unreachable', with_file('out', converted_folder(), push_towards), PretrainedWeightsError,
          r"uploading .*out to the Hub repo 'test-org/upload' failed \(ConnectError: .*\)\. Check the network"),
 ]
 

@@ -1,4 +1,5 @@
-"""Bi-Level Routing Attention (BRA) and the LePE global attention of BiFormer.
+"""Bi-Level Routing Attention (BRA), the attention of BiFormer's first three stages (its last stage:
+``global_attention.AttentionLePE``).
 
 BiFormer: Vision Transformer with Bi-Level Routing Attention (Zhu et al., CVPR 2023, arXiv 2303.08810).
 
@@ -43,12 +44,12 @@ from timm.layers import register_notrace_module
 from . import _routed_triton
 from ._routed_gather import GatheredAttentionFunction, gather_qkv
 from .conv import DepthwiseConv2d
-from .helpers import check_feature_map, check_int_arg
+from .helpers import check_attention_args, check_feature_map, check_int_arg
 from .padding import pad_to_multiple
 from .reference import use_reference_math
 
 __all__ = [
-    'BiLevelRoutingAttention', 'AttentionLePE', 'ATTN_IMPLS', 'RegionRouter', 'route_regions', 'routed_attention',
+    'BiLevelRoutingAttention', 'ATTN_IMPLS', 'RegionRouter', 'route_regions', 'routed_attention',
     'routing_mask', 'routed_attention_impl', 'count_routed']
 
 # executions of the fine level: chosen per call, or the plain math, or one of the fast paths
@@ -199,7 +200,7 @@ class BiLevelRoutingAttention(nn.Module):
         super().__init__()
         qk_dim = qk_dim or dim
         _check_impl(attn_impl)
-        _check_attention_args(dim, num_heads, side_dwconv, qk_dim)
+        check_attention_args(dim, num_heads, side_dwconv, qk_dim)
         check_int_arg('num_regions (n_win)', num_regions, fix='pass the number of regions per side, e.g. 7')
         check_int_arg('topk', topk, fix=f'pass an int between 1 and num_regions**2 = {num_regions ** 2}')
         if not 1 <= topk <= num_regions ** 2:
@@ -367,22 +368,6 @@ def _check_impl(attn_impl: str) -> None:
             f"attn_impl='auto'")
 
 
-def _check_attention_args(dim: int, num_heads: int, side_dwconv: int, qk_dim: Optional[int] = None) -> None:
-    """The arguments both attentions of this module share: widths, heads and the LePE kernel."""
-    check_int_arg('dim', dim, fix='pass the channels of the input map')
-    check_int_arg('num_heads', num_heads, fix=f'pass a divisor of dim={dim}')
-    check_int_arg('side_dwconv', side_dwconv, minimum=0, fix='pass an odd kernel size, or 0 for no LePE')
-    if side_dwconv > 0 and side_dwconv % 2 == 0:
-        raise ValueError(f'side_dwconv must be odd or 0, got {side_dwconv}; pass an odd kernel size (e.g. 5), '
-                         f'or 0 for no LePE')
-    if qk_dim is not None:
-        check_int_arg('qk_dim', qk_dim, fix='pass the channels of queries and keys, or None for dim')
-    widths = f'dim ({dim})' if qk_dim is None else f'dim ({dim}) and qk_dim ({qk_dim})'
-    if dim % num_heads or (qk_dim or dim) % num_heads:
-        divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0 and (qk_dim or dim) % h == 0]
-        raise ValueError(f'{widths} must be divisible by num_heads ({num_heads}); use num_heads from {divisors}')
-
-
 @contextmanager
 def routed_attention_impl(model: nn.Module, attn_impl: str) -> Iterator[nn.Module]:
     """Run every ``BiLevelRoutingAttention`` of ``model`` with ``attn_impl`` inside the block, then restore them.
@@ -408,52 +393,3 @@ def count_routed(model: nn.Module) -> ContextManager[nn.Module]:
     counts meant to describe BiFormer (the paper's and the official fvcore numbers) are taken under this.
     """
     return routed_attention_impl(model, 'reference')
-
-
-@register_notrace_module
-class AttentionLePE(nn.Module):
-    """Global multi-head self-attention plus a depthwise-conv position term (LePE), as in BiFormer's last stage.
-
-    Args:
-        dim: Channels of the input and output.
-        num_heads: Attention heads.
-        side_dwconv: Kernel of the LePE depthwise conv; 0 disables it.
-        lepe_on_value: Apply LePE to the values (the official ``nchw`` STL model) instead of the input
-            (the other official BiFormer models).
-        channels_last: Take and return (B, H, W, C) tensors instead of (B, C, H, W).
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            side_dwconv: int = 5,
-            lepe_on_value: bool = False,
-            channels_last: bool = False,
-    ):
-        super().__init__()
-        _check_attention_args(dim, num_heads, side_dwconv)
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.lepe_on_value = lepe_on_value
-        self.channels_last = channels_last
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.lepe = DepthwiseConv2d(dim, side_dwconv) if side_dwconv > 0 else None
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature_map(x, self.qkv.in_features, self.qkv.weight.dtype, self.channels_last, 'AttentionLePE', 'dim')
-        if not self.channels_last:
-            x = x.permute(0, 2, 3, 1)
-        B, H, W, C = x.shape
-        qkv = self.qkv(x)  # (B, H, W, 3 * C)
-        q, k, v = qkv.view(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, H * W, C / heads)
-        out = out.transpose(1, 2).reshape(B, H, W, C)
-        if self.lepe is not None:
-            lepe_input = qkv[..., 2 * C:] if self.lepe_on_value else x
-            out = out + self.lepe(lepe_input.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.proj(out)
-        if not self.channels_last:
-            out = out.permute(0, 3, 1, 2)
-        return out

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_function
 
-__all__ = ['check_image_input', 'check_feature_map', 'check_int_arg', 'check_rate', 'parameter_dtype']
+__all__ = [
+    'check_image_input', 'check_feature_map', 'check_int_arg', 'check_rate', 'check_attention_args', 'parameter_dtype']
 
 
 @register_notrace_function
@@ -138,3 +139,20 @@ def check_rate(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f'{name} must be a number in [0, 1) (a probability per sample), got {value!r}; '
                          f'stochastic depth and dropout rates used in training are 0.0-0.5')
+
+
+def check_attention_args(dim: int, num_heads: int, side_dwconv: int, qk_dim: Optional[int] = None) -> None:
+    """The arguments BiFormer's two attentions share (``bra``, ``global_attention``): widths, heads and the LePE
+    kernel."""
+    check_int_arg('dim', dim, fix='pass the channels of the input map')
+    check_int_arg('num_heads', num_heads, fix=f'pass a divisor of dim={dim}')
+    check_int_arg('side_dwconv', side_dwconv, minimum=0, fix='pass an odd kernel size, or 0 for no LePE')
+    if side_dwconv > 0 and side_dwconv % 2 == 0:
+        raise ValueError(f'side_dwconv must be odd or 0, got {side_dwconv}; pass an odd kernel size (e.g. 5), '
+                         f'or 0 for no LePE')
+    if qk_dim is not None:
+        check_int_arg('qk_dim', qk_dim, fix='pass the channels of queries and keys, or None for dim')
+    widths = f'dim ({dim})' if qk_dim is None else f'dim ({dim}) and qk_dim ({qk_dim})'
+    if dim % num_heads or (qk_dim or dim) % num_heads:
+        divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0 and (qk_dim or dim) % h == 0]
+        raise ValueError(f'{widths} must be divisible by num_heads ({num_heads}); use num_heads from {divisors}')

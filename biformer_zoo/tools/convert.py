@@ -9,19 +9,15 @@ Linux; elsewhere the old folder is moved aside first), so an interruption leaves
 the user's beside the old conversion are carried over into the new folder.
 
 What was written is recorded in ``conversion.json`` (each file's size and sha256; it stays in the folder and is
-not uploaded). ``push_to_hub`` uploads only a folder whose files still match that record.
+not uploaded). ``tools.push.push_to_hub`` uploads only a folder whose files still match that record; the folder's
+checks, lock, staging and renames are ``tools.out_folder``.
 """
-import contextlib
-import ctypes
-import errno
 import json
 import os
-import secrets
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -29,18 +25,17 @@ import torch
 from .._version import __version__
 from .flops import flop_analysis
 from ..weights import (
-    WEIGHTS_FILE, PathLike, PretrainedWeightsError, check_checkpoint_file, find_manifest_entry, load_manifest,
+    WEIGHTS_FILE, PathLike, check_checkpoint_file, find_manifest_entry, load_manifest,
     load_official_checkpoint, manifest_entries, read_safetensors_header, save_safetensors_reproducibly, sha256_file,
     update_manifest_entry)
 from ..weights._progress import step
 from ..models import checkpoint_filter_for
 from .layouts import guess_architecture, layout_mismatch
+from .out_folder import check_out_dir, move_into_place, staging_folder
+from .push import CONVERTED_FILES, RECORD_FILE, hub_token, push_to_hub, record_files
 
-__all__ = ['CONVERTED_FILES', 'RECORD_FILE', 'ConversionResult', 'check_recorded_files', 'convert_checkpoint',
-           'conversion_lock', 'push_to_hub']
+__all__ = ['ConversionResult', 'convert_checkpoint']
 
-CONVERTED_FILES = (WEIGHTS_FILE, 'config.json', 'README.md')  # what convert writes, and all that push uploads
-RECORD_FILE = 'conversion.json'  # each converted file's size and sha256, as convert wrote it; never uploaded
 
 
 @dataclass
@@ -123,242 +118,6 @@ The official weights are released by the authors under the {entry['license'].upp
 ```
 """
     return card
-
-
-def _hub_token(folder: PathLike, repo_id: str, token: Optional[str] = None) -> str:
-    """``token``, else the one in the environment or from ``hf auth login``; an error that says how to set one."""
-    from huggingface_hub import get_token
-    token = token or get_token()
-    if not token:
-        raise PretrainedWeightsError(
-            f"uploading {folder} to the Hub repo '{repo_id}' needs a Hugging Face token with write access; none is "
-            f"set. Set HF_TOKEN=hf_... in the environment (or run `hf auth login`) and run again.")
-    return token
-
-
-def _network_errors() -> Tuple[type, ...]:
-    """What an upload raises when the Hub cannot be reached or answers with an error: ``OSError`` (requests' errors
-    and ``HfHubHTTPError`` are ones) and the HTTP errors of the httpx client that huggingface_hub uses."""
-    errors: List[type] = [OSError]
-    for module in ('httpx2', 'httpx'):
-        with contextlib.suppress(ImportError):
-            errors.append(__import__(module).HTTPError)
-    return tuple(errors)
-
-
-def _record_files(folder: Path, files: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """``{name: {'size': bytes, 'sha256': hex}}`` of ``files`` in ``folder``."""
-    return {name: dict(size=(folder / name).stat().st_size, sha256=sha256_file(folder / name)) for name in files}
-
-
-def _describe(entry: Any) -> str:
-    """A record entry as '<size> bytes, sha256 <first 12>...'."""
-    if not (isinstance(entry, dict) and isinstance(entry.get('size'), int) and isinstance(entry.get('sha256'), str)):
-        return f'{entry!r}' if entry is not None else 'nothing'
-    return f"{entry['size']:,} bytes, sha256 {entry['sha256'][:12]}..."
-
-
-def check_recorded_files(folder: PathLike, files: Sequence[str] = CONVERTED_FILES) -> None:
-    """Raise a ``ValueError`` unless each of ``files`` in ``folder`` has the size and sha256 that convert recorded in
-    its ``conversion.json``: a file changed, damaged or cut short since it was written is never uploaded."""
-    folder = Path(folder)
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing:
-        raise ValueError(f"{folder} has no {', '.join(missing)}; push a folder written by `biformer-zoo convert`")
-    try:
-        recorded = json.loads((folder / RECORD_FILE).read_text(encoding='utf-8'))['files']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'{folder} has no readable {RECORD_FILE} ({e}), the record of what `biformer-zoo convert` '
-                         f'wrote; convert again into a new folder (or with --overwrite) and push that') from None
-    measured = _record_files(folder, files)
-    changed = [f'{name} ({_describe(m)}; recorded {_describe(recorded.get(name))})'
-               for name, m in measured.items() if recorded.get(name) != m]
-    if changed:
-        raise ValueError(f"{folder} holds files that are not what convert wrote: {'; '.join(changed)}. Nothing was "
-                         f"uploaded; convert again (with --overwrite) and push the new folder")
-
-
-def push_to_hub(folder: PathLike, repo_id: str, token: Optional[str] = None,
-                files: Sequence[str] = CONVERTED_FILES) -> str:
-    """Upload ``files`` of a converted folder (by default what ``convert_checkpoint`` writes, and nothing else that
-    lies in it) to the Hub repo ``repo_id`` (created if needed), in one commit; returns the commit URL.
-
-    Each file must still have the size and sha256 recorded in the folder's ``conversion.json``
-    (``check_recorded_files``), checked before anything goes to the network. The token comes from ``token``, else the
-    environment (``HF_TOKEN``) or ``hf auth login``. An unreachable Hub or an error answer raises
-    ``PretrainedWeightsError`` with one line saying what failed.
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    folder = Path(folder)
-    check_recorded_files(folder, files)
-    api = HfApi(token=_hub_token(folder, repo_id, token))
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    try:
-        api.create_repo(repo_id, exist_ok=True)
-        commit = api.create_commit(repo_id, operations,
-                                   commit_message=f'Add {folder.name} converted with biformer-zoo')
-    except _network_errors() as e:
-        reason = ' '.join(str(e).split()) or type(e).__name__
-        raise PretrainedWeightsError(
-            f"uploading {folder} to the Hub repo '{repo_id}' failed ({type(e).__name__}: {reason}). Check the "
-            f"network and that HF_TOKEN has write access to that repo (or its organisation); the converted folder "
-            f"is kept: push it again with biformer_zoo.tools.convert.push_to_hub") from e
-    return str(commit.commit_url)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the output folder: checked, locked, written beside --out, then renamed into place
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a file and a folder that holds files (unless ``overwrite``), with the fix; before any work is done."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f'--out {out_dir} is a file; pass a folder to write the converted weights into')
-    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if present and not overwrite:
-        if set(present) <= {*CONVERTED_FILES, RECORD_FILE}:
-            raise ValueError(f"--out {out_dir} already holds a conversion ({', '.join(present)}); pass --overwrite "
-                             f"to replace it, or another folder")
-        shown = ', '.join(present[:5]) + (f' and {len(present) - 5} more' if len(present) > 5 else '')
-        raise ValueError(f'--out {out_dir} is not empty (it holds {shown}); pass a new or empty folder, or '
-                         f'--overwrite to write into it anyway (its other files are kept and never uploaded)')
-
-
-def _unwritable(out_dir: Path, error: OSError) -> ValueError:
-    return ValueError(f'--out {out_dir} cannot be written ({error.strerror or error}: {error.filename or out_dir}); '
-                      f'pass a folder you can write to')
-
-
-def _make_parents(out_dir: Path) -> List[Path]:
-    """Create the missing folders above ``out_dir``; returns those created, the deepest last."""
-    missing = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]
-    created = []
-    try:
-        for folder in missing:
-            folder.mkdir(exist_ok=True)
-            created.append(folder)
-    except OSError as e:
-        _remove_empty(created)
-        raise _unwritable(out_dir, e) from None
-    return created
-
-
-def _remove_empty(folders: Sequence[Path]) -> None:
-    """Remove ``folders`` (deepest last) that are still empty; a run beside this one may have put files there."""
-    for folder in reversed(folders):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _lock_path(out_dir: Path) -> Path:
-    return out_dir.with_name(f'.{out_dir.name}.convert.lock')
-
-
-@contextlib.contextmanager
-def conversion_lock(out_dir: PathLike) -> Iterator[Path]:
-    """Hold the lock file beside ``out_dir`` while inside (created with ``O_EXCL``, removed on the way out, also on
-    an error); a second holder is refused with a ``ValueError`` naming the lock. Yields the lock's path."""
-    out_dir = Path(out_dir)
-    lock = _lock_path(out_dir)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise ValueError(
-            f'another `biformer-zoo convert` is writing --out {out_dir} (its lock {lock} exists); wait for it to '
-            f'finish or pass another --out. If no convert is running (a killed run leaves the lock behind), delete '
-            f'{lock} and run again') from None
-    except OSError as e:
-        raise _unwritable(out_dir, e) from None
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(f'{os.getpid()}\n')
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-
-
-def _new_folder_beside(out_dir: Path, what: str) -> Path:
-    """A new empty folder ``.<name>.<what>-<random>`` beside ``out_dir``, with the permissions a plain mkdir gives
-    (``tempfile.mkdtemp``'s 0700 would become ``--out``'s)."""
-    folder = out_dir.with_name(f'.{out_dir.name}.{what}-{secrets.token_hex(4)}')
-    folder.mkdir()
-    return folder
-
-
-@contextlib.contextmanager
-def _staging_folder(out_dir: Path) -> Iterator[Path]:
-    """Hold the lock beside ``out_dir`` and yield a new temporary folder beside it; on the way out the folder (if not
-    renamed into place), the lock and the parent folders this created are removed."""
-    created = _make_parents(out_dir)
-    try:
-        with conversion_lock(out_dir):
-            try:
-                staging = _new_folder_beside(out_dir, 'converting')
-            except OSError as e:
-                raise _unwritable(out_dir, e) from None
-            try:
-                yield staging
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        _remove_empty(created)
-        raise
-
-
-def _carry_user_files(old: Path, new: Path) -> None:
-    """Hard-link (else copy) the files of the user's in ``old`` that are not part of a conversion into ``new``."""
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    for entry in old.iterdir():
-        if entry.name in (*CONVERTED_FILES, RECORD_FILE):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link_or_copy)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), new / entry.name)
-        else:
-            link_or_copy(str(entry), str(new / entry.name))
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the folders ``a`` and ``b`` in one rename (Linux ``renameat2(RENAME_EXCHANGE)``); False if the system or
-    the file system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), 'renameat2', None) if os.name == 'posix' else None
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no exchange on this system or file system
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished ``staging`` folder to ``out_dir``. An ``out_dir`` holding files (``overwrite``) is swapped
-    for it in one rename, with the user's other files carried over first; the old folder then ends at ``staging``'s
-    path, which the caller removes."""
-    if not (out_dir.is_dir() and any(out_dir.iterdir())):
-        os.replace(staging, out_dir)  # a missing or empty out_dir
-        return
-    _carry_user_files(out_dir, staging)
-    if _exchange(staging, out_dir):
-        return
-    aside = _new_folder_beside(out_dir, 'replaced')
-    os.replace(out_dir, aside)  # interrupted after this, the old conversion is whole in `aside`
-    os.replace(staging, out_dir)
-    os.replace(aside, staging)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the steps of a conversion
 
 
 def _resolve_entry(model_name: str, tag: str, push: Optional[str], update_manifest: bool
@@ -450,7 +209,7 @@ def _write_weights(model: torch.nn.Module, folder: Path, metadata: Dict[str, str
 
 def _write_record(folder: Path, model_tag: str) -> None:
     """``conversion.json``: the size and sha256 of each converted file, which ``push_to_hub`` checks."""
-    record = dict(model=model_tag, files=_record_files(folder, CONVERTED_FILES))
+    record = dict(model=model_tag, files=record_files(folder, CONVERTED_FILES))
     (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
 
 
@@ -494,14 +253,14 @@ def convert_checkpoint(
     keep_published = update_manifest and not push and entry['status'] == 'published'
     out_dir = Path(out_dir)
     if push:
-        _hub_token(out_dir, push)  # before any work is done
-    _check_out_dir(out_dir, overwrite)
+        hub_token(out_dir, push)  # before any work is done
+    check_out_dir(out_dir, overwrite)
     checkpoint = Path(checkpoint)
     check_checkpoint_file(checkpoint)  # before the lock: a missing or wrong checkpoint leaves nothing behind
     model_tag = f'{model_name}.{tag}'
     target = Path(os.path.realpath(out_dir))  # a link to a folder: the lock and the new folder go beside the folder
-    with _staging_folder(target) as staging:
-        _check_out_dir(target, overwrite)  # again, now that no other convert can write it
+    with staging_folder(target) as staging:
+        check_out_dir(target, overwrite)  # again, now that no other convert can write it
         source_sha256 = sha256_file(checkpoint, progress=progress)
         model = _load_converted_model(checkpoint, model_tag, entry, use_ema, progress)
         _check_forward(model, model_tag, progress)
@@ -517,7 +276,7 @@ def convert_checkpoint(
         _write_record(staging, model_tag)
         if keep_published:
             _check_published(entry, result)
-        _move_into_place(staging, target)
+        move_into_place(staging, target)
     if push:
         result.pushed_to = push_to_hub(out_dir, push)
     if update_manifest:

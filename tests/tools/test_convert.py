@@ -15,8 +15,8 @@ import torch
 
 from biformer_zoo import cli, weights
 from biformer_zoo.models import checkpoint_filter_for
-from biformer_zoo.tools import convert
-from biformer_zoo.tools.convert import CONVERTED_FILES
+from biformer_zoo.tools import convert, out_folder, push
+from biformer_zoo.tools.push import CONVERTED_FILES
 from official_layouts import (
     OFFICIAL_LAYOUTS, TINY, RunsCodeWhenUnpickled, save_official_checkpoint, synth_official_state_dict)
 
@@ -161,7 +161,7 @@ def test_push_without_a_token_is_one_line_before_any_work(tmp_path, monkeypatch,
 def test_push_refuses_a_folder_without_the_converted_files(tmp_path):
     (tmp_path / 'config.json').write_text('{}')
     with pytest.raises(ValueError, match=r'has no model\.safetensors, README\.md; push a folder written by'):
-        convert.push_to_hub(tmp_path, 'test-org/upload', token='hf_not_a_real_token')
+        push.push_to_hub(tmp_path, 'test-org/upload', token='hf_not_a_real_token')
 
 
 def _differs_from_mapped_official(weights_file: Path, official: dict, name: str, tag: str) -> list:
@@ -250,7 +250,7 @@ def _convert_argv(checkpoint: Path, out: Path, *extra: str) -> list:
 
 def test_convert_into_a_locked_out_is_refused_in_one_line(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / 'out'
-    with convert.conversion_lock(out):
+    with out_folder.conversion_lock(out):
         code = cli.main(_convert_argv(tiny_checkpoint, out))
     err = capsys.readouterr().err
     assert (code, err.count('\n'), 'another `biformer-zoo convert` is writing' in err, _listing(tmp_path)) == \
@@ -277,7 +277,7 @@ def test_two_converts_into_one_out_at_once_give_one_whole_conversion(tiny_checkp
         thread.start()
     for thread in threads:
         thread.join()
-    convert.check_recorded_files(out)  # raises unless every file is what the record says
+    push.check_recorded_files(out)  # raises unless every file is what the record says
     assert (sorted(outcomes), sorted(p.name for p in tmp_path.iterdir())) == (['converted', 'refused'], ['out'])
 
 
@@ -334,16 +334,16 @@ def test_push_refuses_a_file_changed_since_convert_before_any_upload(tiny_conver
     tamper(folder / name)
     with pytest.raises(ValueError, match=rf'not what convert wrote: {re.escape(name)} \(.* recorded .*Nothing was '
                                          rf'uploaded'):
-        convert.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
+        push.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
     assert calls == []
 
 
 def test_push_refuses_a_folder_without_the_record(tiny_converted, tmp_path):
     folder = tmp_path / 'converted'
     shutil.copytree(tiny_converted[0], folder)
-    (folder / convert.RECORD_FILE).unlink()
+    (folder / push.RECORD_FILE).unlink()
     with pytest.raises(ValueError, match=r'has no readable conversion\.json .* convert again'):
-        convert.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
+        push.push_to_hub(folder, 'test-org/upload', token='hf_not_a_real_token')
 
 
 def test_push_with_the_hub_unreachable_is_one_line_exit_2(tiny_checkpoint, tmp_path, monkeypatch, capsys):

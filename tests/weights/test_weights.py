@@ -164,7 +164,7 @@ import json, sys
 import safetensors.torch, timm, torch
 import biformer_zoo
 from biformer_zoo import weights
-from biformer_zoo.tools import catalog, convert
+from biformer_zoo.tools import catalog, push
 
 args = json.loads(sys.argv[1])
 weights.manifest.MANIFEST_PATH = args['manifest']
@@ -227,7 +227,7 @@ for name in args['scenarios']:
     elif kind in ('cached', 'cached_before'):
         record(name, lambda: hub_row(repo))
     elif kind == 'push':
-        record(name, lambda: convert.push_to_hub(args['folder'], 'test-org/upload'))
+        record(name, lambda: push.push_to_hub(args['folder'], 'test-org/upload'))
 print(json.dumps(results))
 '''
 
