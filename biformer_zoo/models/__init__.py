@@ -15,7 +15,7 @@ from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 
 from ..weights import (
-    PathLike, PretrainedWeightsError, check_checkpoint_file, check_state_dict, load_official_checkpoint)
+    PathLike, PretrainedWeightsError, check_checkpoint_file, check_state_dict, load_official_checkpoint, model_tag_of)
 from ._builder import CheckpointFilter, UnknownModelError, check_pretrained_tag
 from . import biformer
 from . import crossformer
@@ -64,12 +64,10 @@ def load_checkpoint(model: nn.Module, checkpoint_path: PathLike, use_ema: bool =
     classifier, later stages).
     """
     backbone = _backbone_of(model)
-    cfg = getattr(backbone, 'pretrained_cfg', None) or {}
-    model_tag = '.'.join(filter(None, (cfg.get('architecture'), cfg.get('tag')))) or type(backbone).__name__
     try:
         state_dict = load_official_checkpoint(checkpoint_path, use_ema=use_ema)
     except ValueError as e:  # missing, damaged, or needs code to unpickle: said with the model it was meant for
-        raise PretrainedWeightsError(f'{model_tag}: cannot load checkpoint_path: {e}') from None
+        raise PretrainedWeightsError(f'{model_tag_of(backbone)}: cannot load checkpoint_path: {e}') from None
     state_dict = checkpoint_filter_for(backbone)(state_dict, backbone)
     if backbone is not model:  # features_only: the wrapper pruned the model's norm/head/later stages
         kept = backbone.state_dict().keys()

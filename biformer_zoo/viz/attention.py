@@ -5,10 +5,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..layers import AttentionLePE, BiLevelRoutingAttention, LSDAttention
 from ..layers.lsda import group_layout
+from ..layers.padding import pad_to_multiple
 from .record import attention_layers, layer_input
 
 __all__ = ['AttentionMap', 'attention_map', 'check_query', 'default_layer', 'map_stride', 'query_token']
@@ -202,10 +202,9 @@ def _softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 
 def _routed_map(layer: BiLevelRoutingAttention, x: torch.Tensor, token: Size, common: Dict) -> AttentionMap:
-    height, width, _ = x.shape
     n = layer.num_regions
-    padded_h, padded_w = -(-height // n) * n, -(-width // n) * n
-    x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))  # zeros at the bottom/right, as the layer pads
+    x = pad_to_multiple(x.unsqueeze(0), n, n, channels_last=True)[0]  # as the layer pads: (Hp, Wp, C)
+    padded_h, padded_w = x.shape[0], x.shape[1]
     q, k, _ = layer.qkv(x).split([layer.qk_dim, layer.qk_dim, layer.dim], dim=-1)  # (Hp, Wp, *)
     region_h, region_w = padded_h // n, padded_w // n
     q_regions = q.reshape(n, region_h, n, region_w, layer.qk_dim).mean((1, 3)).flatten(0, 1)  # (regions, qk_dim)
@@ -231,8 +230,8 @@ def _grouped_map(layer: LSDAttention, x: torch.Tensor, token: Size, common: Dict
     group_h, group_w, interval = group_layout(
         height, width, layer.group_size, layer.interval, layer.long_distance, layer.group_rule)
     span_h, span_w = group_h * interval, group_w * interval  # map tokens covered by one set of interleaved groups
-    padded_h, padded_w = -(-height // span_h) * span_h, -(-width // span_w) * span_w
-    x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
+    x = pad_to_multiple(x.unsqueeze(0), span_h, span_w, channels_last=True)[0]  # as the layer pads
+    padded_h, padded_w = x.shape[0], x.shape[1]
     heads = layer.num_heads
     qkv = layer.qkv(x).view(padded_h, padded_w, 3, heads, channels // heads)
     row, col = token

@@ -9,7 +9,7 @@ import torch
 
 from .files import PretrainedWeightsError
 
-__all__ = ['check_state_dict', 'check_pretrained_state_dict']
+__all__ = ['check_state_dict', 'check_pretrained_state_dict', 'model_tag_of']
 
 
 def _names(keys: List[str], limit: int = 4) -> str:
@@ -18,6 +18,12 @@ def _names(keys: List[str], limit: int = 4) -> str:
 
 def _as_names(value: Any) -> Tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def model_tag_of(model: torch.nn.Module) -> str:
+    """'architecture.tag' of the model's pretrained cfg, for messages; its class name when it has no cfg."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return '.'.join(filter(None, (cfg.get('architecture'), cfg.get('tag')))) or type(model).__name__
 
 
 def _problems(
@@ -70,10 +76,8 @@ def check_state_dict(
     problems = _problems(state_dict, model.state_dict(), may_differ, set(first_convs))
     if not problems:
         return
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    model_tag = '.'.join(filter(None, (cfg.get('architecture'), cfg.get('tag')))) or type(model).__name__
     raise PretrainedWeightsError(
-        f"{model_tag}: {source} do not fit the model; tensors {'; '.join(problems)}. {fix}")
+        f"{model_tag_of(model)}: {source} do not fit the model; tensors {'; '.join(problems)}. {fix}")
 
 
 def check_pretrained_state_dict(state_dict: Dict[str, Any], model: torch.nn.Module) -> None:
